@@ -1,0 +1,35 @@
+# Every target creates the virtualenv and installs the project into it first, so a fresh
+# clone needs nothing but Python 3.11: `make run`, `make test`, `make lint`, `make bench`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= config/berry.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench check-config clean
+
+$(STAMP): setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/berry-proxy serve --config $(CONFIG)
+
+check-config: $(STAMP)
+	$(BIN)/berry-proxy check-config --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check berry_proxy tests bench
+	$(BIN)/ruff format --check berry_proxy tests bench
+	$(BIN)/mypy berry_proxy tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,77 @@
+"""``create_app(config)``: the aiohttp application, its middlewares, routes and lifecycle."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from . import keys, status
+from .auth import Authenticator
+from .config import Config
+from .middlewares import MIDDLEWARES, add_request_id
+from .mock import MockAdapter
+from .pool import BackendPool
+from .proxy import CHAT, COMPLETIONS, EMBEDDINGS, Proxy, handler
+from .routing import Router
+from .upstream import Adapter, AzureAdapter, OpenAIAdapter
+
+
+def build_adapters(config: Config, session: aiohttp.ClientSession) -> dict[str, Adapter]:
+    adapters: dict[str, Adapter] = {}
+    for pid, provider in config.providers.items():
+        if provider.type == "azure":
+            adapters[pid] = AzureAdapter(provider, session)
+        elif provider.type == "mock":
+            adapters[pid] = MockAdapter(provider)
+        else:
+            adapters[pid] = OpenAIAdapter(provider, session)
+    return adapters
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes)
+    pool = BackendPool(config, wall_clock)
+    app[keys.CONFIG] = config
+    app[keys.CLOCK] = clock
+    app[keys.POOL] = pool
+    app[keys.AUTHENTICATOR] = Authenticator(config.users)
+    app[keys.STARTED_AT] = wall_clock()
+    router = Router(pool, rng)
+
+    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+        # One session for every provider: pooled keep-alive connections. Per-provider
+        # concurrency is bounded by the pool's slots, so the connector itself is unbounded.
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(
+            connector=connector,
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+            raise_for_status=False,
+        )
+        app[keys.CLIENT_SESSION] = session
+        app[keys.PROXY] = Proxy(config, pool, router, build_adapters(config, session), clock)
+        yield
+        await session.close()
+
+    app.cleanup_ctx.append(upstream_session)
+    app.on_response_prepare.append(add_request_id)
+
+    app.router.add_post("/v1/chat/completions", handler(CHAT))
+    app.router.add_post("/v1/completions", handler(COMPLETIONS))
+    app.router.add_post("/v1/embeddings", handler(EMBEDDINGS))
+    app.router.add_get("/v1/models", status.v1_models)
+    app.router.add_get("/v1/models/{model}", status.v1_model)
+    app.router.add_get("/v1/health", status.v1_health)
+    app.router.add_get("/models", status.models_overview)
+    app.router.add_get("/health", status.health)
+    return app

@@ -1,0 +1,80 @@
+"""What the gateway knows about one request: its id, its timing and what it did.
+
+The request-context middleware creates one per request; handlers fill it in; the access
+log line is written from it when the request ends. It never holds a token or prompt text.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_from(header: str | None) -> str:
+    """Keep a client's sane ``X-Request-ID``; anything else gets a generated one."""
+    if header is not None and _SANE_REQUEST_ID.fullmatch(header):
+        return header
+    return "req_" + secrets.token_hex(12)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float  # monotonic seconds
+    route: str = "unmatched"
+    user: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    backend_model: str | None = None
+    attempts: int = 0
+    status: int | None = None
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # Seconds from the request's start until the first upstream byte reached the client.
+    time_to_first_byte: float | None = None
+    # Seconds spent waiting on upstreams (all attempts) until the response was committed.
+    upstream_seconds: float = 0.0
+    # The gateway's own share of the time until the response was committed.
+    overhead: float | None = None
+    abort_reason: str | None = None
+    error_code: str | None = None
+    failures: list[str] = field(default_factory=list)
+
+    def commit(self, now: float) -> float:
+        """Fix the gateway's overhead at the moment the client response starts; return it."""
+        self.overhead = max(0.0, now - self.started - self.upstream_seconds)
+        return self.overhead
+
+    def log_fields(self, now: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "route": self.route,
+            "status": self.status,
+            "duration_ms": round((now - self.started) * 1000, 3),
+        }
+        optional: dict[str, Any] = {
+            "user": self.user,
+            "model": self.model,
+            "provider": self.provider,
+            "backend_model": self.backend_model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "abort_reason": self.abort_reason,
+            "error_code": self.error_code,
+        }
+        fields.update((k, v) for k, v in optional.items() if v is not None)
+        if self.attempts:
+            fields["attempts"] = self.attempts
+            fields["stream"] = self.stream
+        if self.overhead is not None:
+            fields["overhead_ms"] = round(self.overhead * 1000, 3)
+        if self.time_to_first_byte is not None:
+            fields["ttfb_ms"] = round(self.time_to_first_byte * 1000, 3)
+        if self.failures:
+            fields["upstream_failures"] = self.failures
+        return fields

@@ -1,0 +1,266 @@
+"""Gateway errors, their JSON envelope, and the one mapping of upstream failures.
+
+Every error the gateway itself produces is a ``GatewayError``; the error middleware turns
+it into the SPEC's envelope::
+
+    {"error": {"type": ..., "code": ..., "message": ..., "param": ..., "details": {...}}}
+
+The tree (status, ``type``)::
+
+    GatewayError
+    ├── InvalidRequest          400 invalid_request   missing_parameter, invalid_parameter,
+    │                                                 invalid_json, invalid_model
+    ├── AuthenticationFailed    401 authentication_error  missing_token, invalid_token
+    ├── PermissionDenied        403 permission_error  model_not_allowed, admin_required
+    ├── NotFound                404 invalid_request   not_found, model_not_found
+    ├── MethodNotAllowed        405 invalid_request   method_not_allowed
+    ├── RequestTooLarge         413 invalid_request   request_too_large
+    ├── RateLimited             429 rate_limit_error  rate_limit_exceeded, upstream_rate_limited
+    ├── InternalError           500 service_error     internal_error
+    ├── UpstreamError           502 service_error     upstream_error
+    ├── ServiceUnavailable      503 service_error     no_healthy_backends, draining
+    └── UpstreamTimeout         504 service_error     upstream_timeout
+
+Upstream trouble is described separately by ``UpstreamFailure`` (what went wrong with one
+attempt, classified once by ``FailureKind``); the proxy turns the attempts' failures into
+one client-facing ``GatewayError`` with ``error_for_failures``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NoReturn
+
+import aiohttp
+import orjson
+
+
+class GatewayError(Exception):
+    """An error answered to the client in the SPEC's envelope."""
+
+    status: int = 500  # an instance may narrow it (e.g. a mapped aiohttp HTTP error)
+    type: ClassVar[str] = "service_error"
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.details = dict(details) if details else None
+        self.headers = dict(headers) if headers else {}
+
+    def envelope(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type,
+            "code": self.code,
+            "message": self.message,
+            "param": self.param,
+        }
+        if self.details is not None:
+            body["details"] = self.details
+        return {"error": body}
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "service_error"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "service_error"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "service_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "service_error"
+
+
+def missing_parameter(name: str) -> InvalidRequest:
+    return InvalidRequest("missing_parameter", f"Missing required parameter: {name}", param=name)
+
+
+def invalid_parameter(name: str, reason: str) -> InvalidRequest:
+    return InvalidRequest("invalid_parameter", f"Invalid parameter '{name}': {reason}", param=name)
+
+
+# --------------------------------------------------------------------------------------
+# Upstream failures
+# --------------------------------------------------------------------------------------
+
+
+class FailureKind(enum.Enum):
+    """Why one upstream attempt failed; drives failover, breaker and SmartAI penalties."""
+
+    NETWORK = "network_error"  # connect refused/reset, DNS, TLS, connection dropped
+    TIMEOUT = "timeout"  # connect, first byte, idle gap or total deadline
+    SERVER = "server_error"  # upstream 5xx
+    RATE_LIMIT = "rate_limited"  # upstream 429
+    AUTH = "auth_error"  # upstream 401/403: the provider's key is bad
+    PROTOCOL = "protocol_error"  # 200 that is not JSON, broken SSE
+
+
+class UpstreamFailure(Exception):
+    """One upstream attempt failed in a way another backend might not.
+
+    ``message`` is safe to show a client: it never holds a key or an upstream URL.
+    """
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+
+def failure_for_status(status: int, retry_after: float | None = None) -> UpstreamFailure | None:
+    """The failure an upstream status means, or None when the answer goes to the client.
+
+    400/404/413/422 and other 4xx are the caller's fault and pass through untouched.
+    """
+    if status >= 500:
+        return UpstreamFailure(
+            FailureKind.SERVER, f"upstream returned HTTP {status}", status=status
+        )
+    if status == 429:
+        return UpstreamFailure(
+            FailureKind.RATE_LIMIT,
+            "upstream rate limited the request (HTTP 429)",
+            status=status,
+            retry_after=retry_after,
+        )
+    if status in (401, 403):
+        return UpstreamFailure(
+            FailureKind.AUTH,
+            f"upstream rejected the provider credentials (HTTP {status})",
+            status=status,
+        )
+    return None
+
+
+def map_upstream_exception(exc: BaseException, phase: str) -> UpstreamFailure | None:
+    """The provider failure ``exc`` means, or None if it is not a provider's fault.
+
+    ``phase`` ("first byte", "stream", "response") ends up in the message. Never maps
+    ``CancelledError``: a departed client is not a provider failure.
+    """
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailure(FailureKind.TIMEOUT, f"upstream {phase} timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(FailureKind.NETWORK, "cannot connect to upstream")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return UpstreamFailure(FailureKind.NETWORK, f"upstream connection dropped during {phase}")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return UpstreamFailure(FailureKind.PROTOCOL, f"invalid upstream response during {phase}")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return UpstreamFailure(FailureKind.NETWORK, f"upstream connection error during {phase}")
+    return None
+
+
+def reraise_as_failure(exc: Exception, phase: str) -> NoReturn:
+    """Re-raise ``exc`` as the ``UpstreamFailure`` it means, or unchanged if none."""
+    failure = map_upstream_exception(exc, phase)
+    if failure is None or failure is exc:
+        raise exc
+    raise failure from exc
+
+
+def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
+    """The one client-facing error for a request whose every attempt failed."""
+    attempts = len(failures)
+    if failures and all(f.kind is FailureKind.RATE_LIMIT for f in failures):
+        waits = [f.retry_after for f in failures if f.retry_after is not None]
+        retry_after = max(1, round(min(waits))) if waits else 1
+        return RateLimited(
+            "upstream_rate_limited",
+            "Every upstream provider is rate limiting this model; retry later",
+            details={"attempts": attempts, "retry_after": retry_after},
+            headers={"Retry-After": str(retry_after)},
+        )
+    if failures and all(f.kind is FailureKind.TIMEOUT for f in failures):
+        return UpstreamTimeout(
+            "upstream_timeout",
+            "The upstream provider did not answer in time",
+            details={"attempts": attempts, "last_error": failures[-1].message},
+        )
+    return UpstreamError(
+        "upstream_error",
+        "All upstream providers failed",
+        details={
+            "attempts": attempts,
+            "last_error": failures[-1].message if failures else "no attempt was made",
+        },
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form only)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -1,0 +1,30 @@
+"""Every typed application and request key, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .config import Config, UserConfig
+    from .context import RequestContext
+    from .pool import BackendPool
+    from .proxy import Proxy
+
+# Annotations (not evaluated at run time) carry the types, so this module imports none of
+# the modules that use it.
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
+POOL: web.AppKey[BackendPool] = web.AppKey("pool")
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
+CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
+# Monotonic seconds; injected so tests can drive time.
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+
+REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context")
+USER: web.RequestKey[UserConfig] = web.RequestKey("user")

@@ -1,0 +1,33 @@
+"""Logging: structlog rendering one JSON object per line to stdout (journald reads it).
+
+The access log is one canonical line per request, written from the request's
+``RequestContext``; its fields are chosen explicitly, so tokens, API keys, upstream URLs
+and prompt text never reach it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, BinaryIO
+
+import orjson
+import structlog
+
+
+def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            structlog.processors.JSONRenderer(serializer=orjson.dumps),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.BytesLoggerFactory(file=stream or sys.stdout.buffer),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str) -> Any:
+    return structlog.get_logger(name)

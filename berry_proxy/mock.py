@@ -1,0 +1,265 @@
+"""The built-in ``mock`` provider: a deterministic fake LLM served in-process.
+
+It lets ``make run`` work offline and gives demos and tests a provider with knobs:
+latency before the first byte, number of stream chunks, delay between chunks, and a
+failure rate drawn from a seeded RNG. The same request always gets the same words back;
+the reply never repeats the prompt. Responses have the exact shape of OpenAI's chat
+completion, completion, embedding and stream chunk objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .config import ProviderConfig
+from .upstream import Adapter, UpstreamResponse
+
+Sleep = Callable[[float], Awaitable[None]]
+
+_VOCABULARY = (
+    "berry", "proxy", "routes", "every", "request", "to", "a", "healthy", "backend",
+    "and", "streams", "tokens", "as", "they", "arrive", "from", "the", "mock", "model",
+    "which", "answers", "offline", "without", "keys", "quickly", "today",
+)  # fmt: skip
+MAX_REPLY_WORDS = 24
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class MockResponse(UpstreamResponse):
+    """A finished answer handed out part by part, pausing ``chunk_delay`` between parts."""
+
+    def __init__(
+        self,
+        status: int,
+        content_type: str,
+        parts: list[bytes],
+        chunk_delay: float = 0.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.status = status
+        self.headers = {"Content-Type": content_type}
+        self._parts = parts
+        self._next = 0
+        self._chunk_delay = chunk_delay
+        self._sleep = sleep
+
+    async def read(self) -> bytes:
+        rest = b"".join(self._parts[self._next :])
+        self._next = len(self._parts)
+        return rest
+
+    async def read_chunk(self) -> bytes:
+        if self._next >= len(self._parts):
+            return b""
+        if self._next and self._chunk_delay:
+            await self._sleep(self._chunk_delay)
+        part = self._parts[self._next]
+        self._next += 1
+        return part
+
+    def release(self) -> None:
+        self._next = len(self._parts)
+
+    def abort(self) -> None:
+        self._next = len(self._parts)
+
+
+def _error(status: int, message: str, error_type: str) -> MockResponse:
+    body = orjson.dumps({"error": {"message": message, "type": error_type, "code": None}})
+    return MockResponse(status, "application/json", [body])
+
+
+def _json(payload: Any) -> MockResponse:
+    return MockResponse(200, "application/json", [orjson.dumps(payload)])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _split(words: list[str], parts: int) -> list[str]:
+    """``words`` as ``parts`` text pieces (fewer if there are fewer words)."""
+    parts = max(1, min(parts, len(words)))
+    size, extra = divmod(len(words), parts)
+    pieces, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        pieces.append(("" if start == 0 else " ") + " ".join(words[start:end]))
+        start = end
+    return pieces
+
+
+class MockAdapter(Adapter):
+    def __init__(
+        self,
+        provider: ProviderConfig,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(provider)
+        self.settings = provider.mock
+        self._rng = random.Random(self.settings.seed)  # noqa: S311  # simulated failures
+        self._sleep = sleep
+        self._clock = clock
+
+    async def send(
+        self,
+        endpoint: str,
+        backend_model: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> UpstreamResponse:
+        if self.settings.latency_seconds:
+            await self._sleep(self.settings.latency_seconds)
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return _error(
+                400, "We could not parse the JSON body of your request.", "invalid_request_error"
+            )
+        if not isinstance(request, dict):
+            return _error(400, "The request body must be a JSON object.", "invalid_request_error")
+        if self._rng.random() < self.settings.failure_rate:
+            return _error(500, "The mock provider failed this request on purpose.", "server_error")
+        if endpoint == "chat/completions":
+            return self._completion(request, backend_model, chat=True)
+        if endpoint == "completions":
+            return self._completion(request, backend_model, chat=False)
+        if endpoint == "embeddings":
+            return self._embeddings(request, backend_model)
+        return _error(404, f"Unknown endpoint /{endpoint}.", "invalid_request_error")
+
+    def models(self) -> list[str]:
+        return list(self.provider.models)
+
+    def _completion(self, request: dict[str, Any], model: str, *, chat: bool) -> MockResponse:
+        prompt = orjson.dumps(request.get("messages" if chat else "prompt"))
+        digest = hashlib.sha256(prompt).digest()
+        words_rng = random.Random(digest)  # noqa: S311  # same prompt, same reply
+        max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
+        limit = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else MAX_REPLY_WORDS
+        count = min(limit, MAX_REPLY_WORDS)
+        words = [words_rng.choice(_VOCABULARY) for _ in range(count)]
+        finish = "length" if count < MAX_REPLY_WORDS else "stop"
+        usage = _usage(max(1, len(prompt) // 4), count)
+        ident = ("chatcmpl-" if chat else "cmpl-") + digest.hex()[:24]
+        created = int(self._clock())
+        if request.get("stream") is True:
+            return self._stream(request, ident, created, model, words, finish, usage, chat=chat)
+        text = " ".join(words)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return _json(
+            {
+                "id": ident,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": usage,
+                "system_fingerprint": "fp_berry_mock",
+            }
+        )
+
+    def _stream(
+        self,
+        request: dict[str, Any],
+        ident: str,
+        created: int,
+        model: str,
+        words: list[str],
+        finish: str,
+        usage: dict[str, int],
+        *,
+        chat: bool,
+    ) -> MockResponse:
+        options = request.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        base = {
+            "id": ident,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_berry_mock",
+        }
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, Any] | str, finish_reason: str | None) -> bytes:
+            if chat:
+                choice = {"index": 0, "delta": delta, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta, "logprobs": None}
+            choice["finish_reason"] = finish_reason
+            return sse_event({**base, "choices": [choice], **extra})
+
+        events = [chunk({"role": "assistant", "content": ""} if chat else "", None)]
+        for piece in _split(words, self.settings.chunk_count):
+            events.append(chunk({"content": piece} if chat else piece, None))
+        events.append(chunk({} if chat else "", finish))
+        if include_usage:
+            events.append(sse_event({**base, "choices": [], "usage": usage}))
+        events.append(SSE_DONE)
+        return MockResponse(
+            200, "text/event-stream", events, self.settings.chunk_delay_seconds, self._sleep
+        )
+
+    def _embeddings(self, request: dict[str, Any], model: str) -> MockResponse:
+        raw = request.get("input")
+        inputs = raw if isinstance(raw, list) else [raw]
+        data = []
+        tokens = 0
+        for index, item in enumerate(inputs):
+            encoded = orjson.dumps(item)
+            tokens += max(1, len(encoded) // 4)
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": index,
+                    "embedding": _vector(encoded, self.settings.embedding_dimensions),
+                }
+            )
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+
+def _vector(seed: bytes, dimensions: int) -> list[float]:
+    """A deterministic unit-length vector derived from ``seed``."""
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        block = hashlib.sha256(seed + counter.to_bytes(4, "big")).digest()
+        values.extend(v / 2**31 - 1.0 for v in struct.unpack(">8I", block))
+        counter += 1
+    values = values[:dimensions]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [round(v / norm, 6) for v in values]

@@ -1,0 +1,227 @@
+"""Provider adapters: how one request reaches one provider.
+
+Each adapter knows its provider's URL layout and credentials (``openai``: bearer key and
+``{base_url}/{endpoint}``; ``azure``: ``api-key`` header and the deployment URL with
+``api-version``; ``mock``: the in-process fake LLM of ``mock.py``) and answers with an
+``UpstreamResponse`` that the proxy reads the same way whatever the provider is.
+
+Transport exceptions are NOT mapped here; the proxy wraps each phase in
+``errors.upstream_errors`` so that a departed client is never mistaken for a sick provider.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from .config import ProviderConfig
+
+# Request headers never forwarded upstream: hop-by-hop headers (RFC 9110 §7.6.1), the
+# client's credentials (the provider's key replaces them), values aiohttp recomputes, and
+# OpenAI account headers that belong to the client's key, not the provider's.
+DROPPED_REQUEST_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "authorization",
+        "api-key",
+        "cookie",
+        "content-length",
+        "accept-encoding",
+        "expect",
+        "x-request-id",
+        "openai-organization",
+        "openai-project",
+    }
+)
+
+# Upstream response headers never passed to the client: hop-by-hop, values aiohttp sets
+# itself for the client connection, the body encoding aiohttp already undid, and
+# provider-account details (rate limits of the provider's key, its request id and cookies).
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "date",
+        "server",
+        "set-cookie",
+        "x-request-id",
+        "openai-organization",
+        "openai-project",
+    }
+)
+_DROPPED_RESPONSE_PREFIXES = ("x-ratelimit-", "cf-", "alt-svc")
+
+
+def forwardable_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in client_headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS}
+
+
+def passable_response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
+    passed: dict[str, str] = {}
+    for name, value in upstream_headers.items():
+        lower = name.lower()
+        if lower in DROPPED_RESPONSE_HEADERS or lower.startswith(_DROPPED_RESPONSE_PREFIXES):
+            continue
+        passed[name] = value
+    return passed
+
+
+class UpstreamResponse(abc.ABC):
+    """An upstream answer whose headers have arrived; the body is read on demand."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "application/json")
+
+    @abc.abstractmethod
+    async def read(self) -> bytes:
+        """The whole body."""
+
+    @abc.abstractmethod
+    async def read_chunk(self) -> bytes:
+        """The next bytes as they arrive; ``b""`` at the end of the body."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """The body was read to its end: the connection may be reused."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Stop now: close the connection so the provider stops generating."""
+
+
+class HttpUpstreamResponse(UpstreamResponse):
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.headers: CIMultiDictProxy[str] = response.headers
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    async def read_chunk(self) -> bytes:
+        return await self._response.content.readany()
+
+    def release(self) -> None:
+        self._response.release()
+
+    def abort(self) -> None:
+        self._response.close()
+
+
+class Adapter(abc.ABC):
+    """Sends requests to one provider."""
+
+    def __init__(self, provider: ProviderConfig) -> None:
+        self.provider = provider
+
+    @abc.abstractmethod
+    async def send(
+        self,
+        endpoint: str,
+        backend_model: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> UpstreamResponse:
+        """POST ``body`` to ``endpoint`` (e.g. ``chat/completions``); return at headers."""
+
+
+class HttpAdapter(Adapter):
+    """Common ground of the HTTP providers: one shared session, per-provider timeouts."""
+
+    def __init__(self, provider: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(provider)
+        self._session = session
+        # The total and read-gap limits are enforced by the proxy per phase (first byte,
+        # idle gap, total); aiohttp's default total=300 s would cut long generations.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=provider.connect_timeout_seconds,
+            sock_connect=provider.connect_timeout_seconds,
+        )
+        self._auth_headers = self.credential_headers()
+        self._auth_headers.update(provider.headers)
+
+    @abc.abstractmethod
+    def credential_headers(self) -> dict[str, str]:
+        """Headers carrying the provider's key."""
+
+    @abc.abstractmethod
+    def url(self, endpoint: str, backend_model: str) -> str:
+        """Where ``endpoint`` lives for ``backend_model``."""
+
+    async def send(
+        self,
+        endpoint: str,
+        backend_model: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> UpstreamResponse:
+        headers.update(self._auth_headers)
+        response = await self._session.post(
+            self.url(endpoint, backend_model),
+            data=body,
+            headers=headers,
+            timeout=self._timeout,
+            allow_redirects=False,
+        )
+        return HttpUpstreamResponse(response)
+
+
+class OpenAIAdapter(HttpAdapter):
+    """Any OpenAI-compatible server: OpenAI, vLLM, Ollama, LM Studio, SGLang..."""
+
+    def __init__(self, provider: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(provider, session)
+        self._urls: dict[str, str] = {}
+
+    def credential_headers(self) -> dict[str, str]:
+        key = self.provider.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def url(self, endpoint: str, backend_model: str) -> str:
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = f"{self.provider.base_url}/{endpoint}"
+        return url
+
+
+class AzureAdapter(HttpAdapter):
+    """Azure OpenAI: the backend model is the deployment name."""
+
+    def credential_headers(self) -> dict[str, str]:
+        key = self.provider.api_key
+        return {"api-key": key} if key else {}
+
+    def url(self, endpoint: str, backend_model: str) -> str:
+        base = self.provider.base_url
+        if not base.endswith("/openai"):
+            base += "/openai"
+        return (
+            f"{base}/deployments/{backend_model}/{endpoint}?api-version={self.provider.api_version}"
+        )

@@ -1,0 +1,267 @@
+"""Shared fixtures: a fake OpenAI-compatible upstream with fault modes, and the gateway.
+
+``FakeUpstream`` is a real aiohttp server on 127.0.0.1; each test sets its ``mode`` to
+choose how it answers (see ``FakeUpstream.respond``). The gateway runs as a real server
+too (``aiohttp_server``), so tests drive it over HTTP with the ``openai`` SDK or aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from berry_proxy.app import create_app
+from berry_proxy.config import Config, build_config
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+USER_TOKEN = "test-user-token-0123456789"
+DISABLED_TOKEN = "test-disabled-token-0123456"
+UPSTREAM_KEY = "sk-upstream-secret-key-42"
+
+CHAT_CONTENT = ["Hello", " there", ", friend", "!"]
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, model: str = "up-model") -> bytes:
+    payload = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def usage_chunk(prompt: int = 11, completion: int = 4) -> bytes:
+    payload = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "up-model",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def stream_events(include_usage: bool) -> list[bytes]:
+    events = [chat_chunk({"role": "assistant", "content": ""})]
+    events += [chat_chunk({"content": text}) for text in CHAT_CONTENT]
+    events.append(chat_chunk({}, "stop"))
+    if include_usage:
+        events.append(usage_chunk())
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def chat_completion(model: str) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(CHAT_CONTENT)},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15},
+    }
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible server whose behaviour each test chooses.
+
+    Modes: ``ok``; ``status`` (answer ``status_code`` with ``error_body`` and
+    ``extra_headers``); ``reset`` (drop the connection before answering); ``stall`` (never
+    answer); ``not_json`` (200 text); ``break_after`` (stream ``break_after`` content
+    events, then drop the connection); ``gated`` (stream the first content event, then wait
+    for ``gate`` before the rest).
+    """
+
+    mode: str = "ok"
+    status_code: int = 500
+    error_body: bytes = b'{"error": {"message": "boom", "type": "server_error"}}'
+    extra_headers: dict[str, str] = field(default_factory=dict)
+    break_after: int = 2
+    requests: list[Recorded] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/{endpoint:.*}", self.respond)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "up-model"}]})
+
+    async def respond(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        mode = self.mode
+        if mode == "status":
+            return web.Response(
+                status=self.status_code,
+                body=self.error_body,
+                content_type="application/json",
+                headers=self.extra_headers,
+            )
+        if mode == "reset":
+            assert request.transport is not None
+            request.transport.close()
+            await asyncio.sleep(3600)
+        if mode == "stall":
+            await asyncio.sleep(3600)
+        if mode == "not_json":
+            return web.Response(text="<html>gateway hiccup</html>", content_type="text/html")
+        if request.path.endswith("/embeddings"):
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                    "model": body["model"],
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+                }
+            )
+        if not body.get("stream"):
+            return web.json_response(chat_completion(body["model"]))
+        return await self._stream(request, body)
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        options = body.get("stream_options") or {}
+        events = stream_events(bool(options.get("include_usage")))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for index, event in enumerate(events):
+                if self.mode == "break_after" and index > self.break_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
+                await response.write(event)
+                if index == 1:
+                    self.first_chunk_sent.set()
+                    if self.mode == "gated":
+                        await self.gate.wait()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.disconnected.set()
+            raise
+        await response.write_eof()
+        return response
+
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: ServerFactory) -> FakeUpstream:
+    fake = FakeUpstream()
+    fake.server = await aiohttp_server(fake.app())
+    return fake
+
+
+@pytest.fixture
+async def upstream2(aiohttp_server: ServerFactory) -> FakeUpstream:
+    fake = FakeUpstream()
+    fake.server = await aiohttp_server(fake.app())
+    return fake
+
+
+def gateway_config(*upstreams: FakeUpstream, **settings: Any) -> dict[str, Any]:
+    """A config with one provider per fake upstream serving model ``gpt-test``."""
+    providers = {
+        f"up{i}": {
+            "type": "openai",
+            "base_url": fake.url,  # no /v1: the gateway must add it
+            "api_key": UPSTREAM_KEY,
+            "headers": {"X-Provider-Extra": f"up{i}"},
+            "first_byte_timeout_seconds": 2,
+            "idle_timeout_seconds": 2,
+        }
+        for i, fake in enumerate(upstreams, start=1)
+    }
+    return {
+        "server": {"max_body_bytes": 64 * 1024},
+        "providers": providers,
+        "models": {
+            "gpt-test": {
+                "name": "gpt-test",
+                "strategy": "weighted_random",
+                "backends": [{"provider": pid, "model": "up-model"} for pid in providers],
+            },
+            "other-model": {
+                "backends": [{"provider": next(iter(providers)), "model": "up-other"}],
+            },
+        },
+        "users": {
+            "admin": {"token": ADMIN_TOKEN, "allowed_models": []},
+            "restricted": {"token": USER_TOKEN, "allowed_models": ["gpt-test"]},
+            "gone": {"token": DISABLED_TOKEN, "enabled": False},
+        },
+        "settings": settings,
+    }
+
+
+GatewayFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+def start_gateway(aiohttp_server: ServerFactory) -> GatewayFactory:
+    async def start(raw: dict[str, Any] | Config) -> TestServer:
+        config = raw if isinstance(raw, Config) else build_config(raw, env={})
+        return await aiohttp_server(create_app(config))
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start_gateway: GatewayFactory, upstream: FakeUpstream) -> TestServer:
+    return await start_gateway(gateway_config(upstream))
+
+
+def base_url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def sdk(gateway: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    client = openai.AsyncOpenAI(
+        base_url=base_url(gateway) + "/v1", api_key=ADMIN_TOKEN, max_retries=0
+    )
+    yield client
+    await client.close()
+
+
+def sdk_for(server: TestServer, token: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base_url(server) + "/v1", api_key=token, max_retries=0)
