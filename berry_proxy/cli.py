@@ -87,6 +87,8 @@ def serve(path: str, host: str | None, port: int | None) -> int:
         port=port,
         access_log=None,
         handler_cancellation=True,
+        # On SIGTERM aiohttp stops accepting and lets in-flight requests finish this long.
+        shutdown_timeout=config.server.drain_timeout_seconds,
         print=None,
         loop=new_event_loop(),
     )
