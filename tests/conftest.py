@@ -88,6 +88,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: Any = None  # the gateway's (host, port): one value means one reused connection
 
 
 @dataclass
@@ -110,6 +111,7 @@ class FakeUpstream:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     first_chunk_sent: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    received: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
     @property
@@ -128,7 +130,9 @@ class FakeUpstream:
 
     async def respond(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append(Recorded(request.path, dict(request.headers), body, peer))
+        self.received.set()
         mode = self.mode
         if mode == "status":
             return web.Response(
@@ -142,7 +146,11 @@ class FakeUpstream:
             request.transport.close()
             await asyncio.sleep(3600)
         if mode == "stall":
-            await asyncio.sleep(3600)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.disconnected.set()
+                raise
         if mode == "not_json":
             return web.Response(text="<html>gateway hiccup</html>", content_type="text/html")
         if request.path.endswith("/embeddings"):
