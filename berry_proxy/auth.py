@@ -86,7 +86,7 @@ def resolve_model(config: Config, user: UserConfig, requested: str) -> ModelConf
             param="model",
             details={
                 "model": requested,
-                "allowed_models": [config.models[m].name for m in user.allowed_models],
+                "allowed_models": [m.name for m in visible_models(config, user)],
             },
         )
     return model

@@ -590,20 +590,24 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     for mid, entry in _entries(top.get("models")):
         path = f"models.{mid}"
         loaded = _load_section(ModelSchema(), entry, path, errors)
+        raw_backends = entry.get("backends") if isinstance(entry, dict) else None
+        # References are checked on the raw backends too, so a schema error in one
+        # backend does not hide an unknown provider in another (all errors at once).
+        for i, raw_backend in enumerate(raw_backends if isinstance(raw_backends, list) else []):
+            ref = raw_backend.get("provider") if isinstance(raw_backend, dict) else None
+            if isinstance(ref, str) and raw_providers is not None and ref not in raw_providers:
+                errors.append(f"{path}.backends[{i}].provider: unknown provider '{ref}'")
         if loaded is None:
             continue
         backends = tuple(loaded.pop("backends"))
         if not backends:
             errors.append(f"{path}.backends: a model needs at least one backend")
         for i, backend in enumerate(backends):
-            bpath = f"{path}.backends[{i}]"
             provider = providers.get(backend.provider)
-            if raw_providers is not None and backend.provider not in raw_providers:
-                errors.append(f"{bpath}.provider: unknown provider '{backend.provider}'")
-            elif provider and provider.models and backend.model not in provider.models:
+            if provider and provider.models and backend.model not in provider.models:
                 errors.append(
-                    f"{bpath}.model: provider '{backend.provider}' does not list model "
-                    f"'{backend.model}' in its models"
+                    f"{path}.backends[{i}].model: provider '{backend.provider}' does not list "
+                    f"model '{backend.model}' in its models"
                 )
         loaded.setdefault("name", mid)
         models[mid] = ModelConfig(id=mid, backends=backends, **loaded)

@@ -29,6 +29,7 @@ one client-facing ``GatewayError`` with ``error_for_failures``.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NoReturn
 
@@ -232,7 +233,8 @@ def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
     attempts = len(failures)
     if failures and all(f.kind is FailureKind.RATE_LIMIT for f in failures):
         waits = [f.retry_after for f in failures if f.retry_after is not None]
-        retry_after = max(1, round(min(waits))) if waits else 1
+        # Rounded up: a client told to come back sooner than the upstream allows fails again.
+        retry_after = max(1, math.ceil(min(waits))) if waits else 1
         return RateLimited(
             "upstream_rate_limited",
             "Every upstream provider is rate limiting this model; retry later",
@@ -263,4 +265,4 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         return None
-    return seconds if seconds >= 0 else None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None

@@ -72,15 +72,33 @@ DROPPED_RESPONSE_HEADERS = frozenset(
 _DROPPED_RESPONSE_PREFIXES = ("x-ratelimit-", "cf-", "alt-svc")
 
 
+def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
+    """Headers the sender declared hop-by-hop in ``Connection`` (RFC 9110 §7.6.1)."""
+    listed = headers.get("Connection")
+    if not listed:
+        return frozenset()
+    return frozenset(name.strip().lower() for name in listed.split(","))
+
+
 def forwardable_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in client_headers.items() if k.lower() not in DROPPED_REQUEST_HEADERS}
+    listed = _connection_listed(client_headers)
+    return {
+        k: v
+        for k, v in client_headers.items()
+        if (lower := k.lower()) not in DROPPED_REQUEST_HEADERS and lower not in listed
+    }
 
 
 def passable_response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
+    listed = _connection_listed(upstream_headers)
     passed: dict[str, str] = {}
     for name, value in upstream_headers.items():
         lower = name.lower()
-        if lower in DROPPED_RESPONSE_HEADERS or lower.startswith(_DROPPED_RESPONSE_PREFIXES):
+        if (
+            lower in DROPPED_RESPONSE_HEADERS
+            or lower in listed
+            or lower.startswith(_DROPPED_RESPONSE_PREFIXES)
+        ):
             continue
         passed[name] = value
     return passed

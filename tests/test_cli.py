@@ -1,0 +1,291 @@
+"""The command line (``cli.py``): ``check-config``, ``hash-token``, ``--version``, ``serve``.
+
+The last test runs the real ``serve`` command in a subprocess on a free loopback port, as
+systemd or ``make run`` would, makes one request and reads the JSON access log it prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from berry_proxy import __version__
+from berry_proxy.cli import main
+from berry_proxy.config import ConfigError, hash_token, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config" / "berry.yaml"
+
+SERVE_TOKEN = "cli-serve-token-5f1e0c9a7b"
+SECRET_PROMPT = "purple-elephant-prompt-8d2c"
+
+GOOD_YAML = f"""
+providers:
+  local:
+    type: mock
+    mock: {{chunk_count: 2}}
+models:
+  demo:
+    name: demo-model
+    strategy: weighted_random
+    backends: [{{provider: local, model: mock-demo}}]
+users:
+  alice:
+    token: {SERVE_TOKEN}
+"""
+
+BAD_YAML = """
+server:
+  port: 99999
+  colour: blue
+providers:
+  local: {type: mock}
+models:
+  demo:
+    backends:
+      - {provider: nowhere, model: m}
+  other:
+    backends:
+      - {provider: local, model: m, weight: -1}
+users:
+  bob: {token: short}
+  carol: {token: carol-token-0123456789, allowed_models: [ghost]}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_check_config_on_good_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(DEFAULT_CONFIG)]) == 0
+    out, err = capsys.readouterr()
+    assert "OK" in out
+    assert str(DEFAULT_CONFIG) in out
+    config = load_config(DEFAULT_CONFIG, env={})
+    counts = f"{len(config.providers)} providers, {len(config.models)} models"
+    assert f"{counts}, {len(config.users)} users" in out
+    assert err == ""
+
+
+def test_check_config_uses_berry_config_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "env.yaml", GOOD_YAML)
+    monkeypatch.setenv("BERRY_CONFIG", str(path))
+    assert main(["check-config"]) == 0
+    out, _ = capsys.readouterr()
+    assert f"{path}: OK" in out
+
+
+def test_check_config_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "bad.yaml", BAD_YAML)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    expected = info.value.errors
+    assert len(expected) >= 6
+
+    assert main(["check-config", "--config", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "OK" not in out
+    assert f"{path}: {len(expected)} error(s)" in err
+    for line in expected:
+        assert line in err
+    # Each problem named by its exact path.
+    for fragment in (
+        "server.port",
+        "server.colour",
+        "models.demo.backends[0].provider: unknown provider 'nowhere'",
+        "models.other.backends[0].weight",
+        "users.bob.token",
+        "users.carol.allowed_models[0]: unknown model 'ghost'",
+    ):
+        assert fragment in err
+
+
+def test_check_config_reports_unknown_provider_next_to_a_bad_sibling_backend(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = BAD_YAML.replace(
+        "      - {provider: nowhere, model: m}\n  other:\n    backends:\n",
+        "      - {provider: nowhere, model: m}\n",
+    )
+    assert "  other:" not in text  # both backends now belong to models.demo
+    path = write(tmp_path, "bad.yaml", text)
+    assert main(["check-config", "--config", str(path)]) == 1
+    _, err = capsys.readouterr()
+    assert "models.demo.backends[1].weight" in err
+    assert "models.demo.backends[0].provider: unknown provider 'nowhere'" in err
+
+
+def test_check_config_on_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "absent.yaml"
+    assert main(["check-config", "--config", str(missing)]) == 1
+    _, err = capsys.readouterr()
+    assert str(missing) in err
+    assert "cannot read" in err
+
+
+def test_check_config_on_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "broken.yaml", "providers: [unclosed\n")
+    assert main(["check-config", "--config", str(path)]) == 1
+    _, err = capsys.readouterr()
+    assert "syntax error" in err
+
+
+def test_hash_token_prints_sha256_hex(capsys: pytest.CaptureFixture[str]) -> None:
+    token = "my-very-secret-token-123"
+    assert main(["hash-token", token]) == 0
+    out, _ = capsys.readouterr()
+    assert out == hashlib.sha256(token.encode()).hexdigest() + "\n"
+    assert out.strip() == hash_token(token)
+
+
+def test_hashed_token_from_cli_authenticates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["hash-token", SERVE_TOKEN])
+    digest = capsys.readouterr().out.strip()
+    path = write(tmp_path, "hashed.yaml", GOOD_YAML.replace("token:", "token_sha256:"))
+    path.write_text(path.read_text().replace(SERVE_TOKEN, digest))
+    assert main(["check-config", "--config", str(path)]) == 0
+
+
+def test_python_m_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "berry_proxy", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"berry-proxy {__version__}"
+
+
+# --------------------------------------------------------------------------------------
+# serve, for real
+# --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_until_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"berry-proxy exited early with status {proc.returncode}")
+        try:
+            if request(port, "GET", "/v1/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)  # polling another process: there is nothing to await
+    raise AssertionError(f"berry-proxy did not answer /v1/health within {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM the server by its PID; kill it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
+def test_serve_answers_and_logs_without_secrets(tmp_path: Path) -> None:
+    config = write(tmp_path, "serve.yaml", GOOD_YAML)
+    port = free_port()
+    stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(  # noqa: S603  # our own interpreter and module
+            [
+                sys.executable,
+                "-m",
+                "berry_proxy",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=tmp_path,
+        )
+        try:
+            wait_until_ready(proc, port)
+            body = orjson.dumps(
+                {"model": "demo-model", "messages": [{"role": "user", "content": SECRET_PROMPT}]}
+            )
+            status, answer = request(
+                port,
+                "POST",
+                "/v1/chat/completions",
+                body,
+                {
+                    "Authorization": f"Bearer {SERVE_TOKEN}",
+                    "Content-Type": "application/json",
+                    "X-Request-ID": "cli-test-request-1",
+                },
+            )
+        finally:
+            returncode = stop(proc)
+    assert status == 200, answer
+    reply = orjson.loads(answer)
+    assert reply["choices"][0]["message"]["content"]
+    assert returncode == 0  # SIGTERM is a clean shutdown
+
+    output = stdout_path.read_bytes() + stderr_path.read_bytes()
+    assert SERVE_TOKEN.encode() not in output
+    assert SECRET_PROMPT.encode() not in output
+    lines: list[dict[str, Any]] = [
+        orjson.loads(line) for line in stdout_path.read_bytes().splitlines() if line.strip()
+    ]
+    (access,) = [line for line in lines if line.get("request_id") == "cli-test-request-1"]
+    assert access["status"] == 200
+    assert access["user"] == "alice"
+    assert access["route"] == "/v1/chat/completions"
+    assert access["model"] == "demo"
+    assert access["provider"] == "local"
+    assert access["attempts"] == 1

@@ -1,0 +1,263 @@
+"""Server-sent events as bytes (``sse.py``): splitting and classifying upstream events.
+
+The proxy forwards events byte for byte, so the splitter must give back exactly the bytes
+it was fed, cut at event boundaries wherever the network happened to cut the chunks; and
+the classifier decides when a stream commits, so each kind of chunk must land in the
+right class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from berry_proxy.sse import (
+    EventKind,
+    EventSplitter,
+    classify,
+    error_event,
+    event_data,
+    is_done,
+    may_carry_usage,
+    usage_of,
+)
+
+
+def event(payload: Any, ending: bytes = b"\n\n") -> bytes:
+    return b"data: " + orjson.dumps(payload) + ending
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+STREAM = [
+    event(chunk({"role": "assistant", "content": ""})),
+    event(chunk({"content": "Hello"})),
+    event(chunk({"content": " wörld ✓"})),  # multi-byte UTF-8 split across chunks too
+    event(chunk({}, "stop")),
+    event({"id": "chatcmpl-1", "choices": [], "usage": USAGE}),
+    b"data: [DONE]\n\n",
+]
+
+
+# --------------------------------------------------------------------------------------
+# EventSplitter
+# --------------------------------------------------------------------------------------
+
+
+def feed_all(splitter: EventSplitter, chunks: list[bytes]) -> list[bytes]:
+    events: list[bytes] = []
+    for piece in chunks:
+        events.extend(splitter.feed(piece))
+    return events
+
+
+def test_events_split_byte_by_byte_come_back_whole() -> None:
+    data = b"".join(STREAM)
+    splitter = EventSplitter()
+    events = feed_all(splitter, [data[i : i + 1] for i in range(len(data))])
+    assert events == STREAM
+    assert splitter.pending == b""
+
+
+@pytest.mark.parametrize("size", [2, 3, 7, 13, 64])
+def test_events_split_at_any_chunk_size(size: int) -> None:
+    data = b"".join(STREAM)
+    splitter = EventSplitter()
+    events = feed_all(splitter, [data[i : i + size] for i in range(0, len(data), size)])
+    assert events == STREAM
+    assert b"".join(events) == data
+
+
+def test_several_events_in_one_chunk() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"".join(STREAM)) == STREAM
+    assert splitter.pending == b""
+
+
+def test_crlf_event_endings() -> None:
+    events = [e.replace(b"\n\n", b"\r\n\r\n") for e in STREAM]
+    data = b"".join(events)
+    assert EventSplitter().feed(data) == events
+    splitter = EventSplitter()
+    assert feed_all(splitter, [data[i : i + 1] for i in range(len(data))]) == events
+    assert splitter.pending == b""
+
+
+def test_cr_event_endings() -> None:
+    events = [b"data: one\r\r", b"data: two\r\r"]
+    assert EventSplitter().feed(b"".join(events)) == events
+
+
+def test_mixed_endings_in_one_chunk_keep_order() -> None:
+    events = [b"data: a\r\n\r\n", b"data: b\n\n", b": keep-alive\r\n\r\n", b"data: c\n\n"]
+    assert EventSplitter().feed(b"".join(events)) == events
+
+
+def test_multi_line_event_is_one_event() -> None:
+    multi = b"event: message\nid: 7\ndata: first\ndata: second\n\n"
+    assert EventSplitter().feed(multi + b"data: next\n\n") == [multi, b"data: next\n\n"]
+
+
+def test_partial_event_stays_pending_until_it_ends() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b'data: {"a": 1}\n\ndata: {"b"') == [b'data: {"a": 1}\n\n']
+    assert splitter.pending == b'data: {"b"'
+    assert splitter.feed(b": 2}\n") == []
+    assert splitter.pending == b'data: {"b": 2}\n'
+    assert splitter.feed(b"\n") == [b'data: {"b": 2}\n\n']
+    assert splitter.pending == b""
+
+
+def test_empty_chunk_yields_nothing() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"") == []
+    assert splitter.feed(b"data: x") == []
+    assert splitter.feed(b"") == []
+    assert splitter.pending == b"data: x"
+
+
+# --------------------------------------------------------------------------------------
+# classify
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        event(chunk({"role": "assistant", "content": ""})),
+        event(chunk({"role": "assistant"})),
+        event(chunk({})),
+        event(chunk({"content": None})),
+        event({"id": "chatcmpl-1", "choices": []}),
+        event({"id": "chatcmpl-1", "choices": [], "usage": None}),
+        b": keep-alive\n\n",
+        b":\n\n",
+        b"event: ping\n\n",
+    ],
+)
+def test_preamble_events_do_not_commit(raw: bytes) -> None:
+    assert classify(raw)[0] is EventKind.PREAMBLE
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        event(chunk({"content": "Hi"})),
+        event(chunk({"role": "assistant", "content": "Hi"})),
+        event(chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function"}]})),
+        event(chunk({"function_call": {"name": "f", "arguments": ""}})),
+        event(chunk({"refusal": "I can't help with that"})),
+        event(chunk({}, "stop")),
+        event(chunk({}, "length")),
+        event(chunk({}, "tool_calls")),
+        # Legacy completions stream text rather than a delta.
+        event({"object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}),
+    ],
+)
+def test_content_events_commit(raw: bytes) -> None:
+    kind, payload = classify(raw)
+    assert kind is EventKind.CONTENT
+    assert payload == orjson.loads(raw.removeprefix(b"data: "))
+
+
+def test_usage_only_chunk() -> None:
+    kind, payload = classify(event({"id": "chatcmpl-1", "choices": [], "usage": USAGE}))
+    assert kind is EventKind.USAGE
+    assert payload["usage"] == USAGE
+
+
+@pytest.mark.parametrize("raw", [b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data: [DONE]\r\n\r\n"])
+def test_done(raw: bytes) -> None:
+    assert classify(raw) == (EventKind.DONE, None)
+    assert is_done(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b": [DONE]\n\n", event(chunk({"content": "[DONE]"})), b"data: DONE\n\n"],
+)
+def test_not_done(raw: bytes) -> None:
+    assert not is_done(raw)
+
+
+def test_error_event() -> None:
+    raw = event({"error": {"message": "overloaded", "type": "server_error"}})
+    kind, payload = classify(raw)
+    assert kind is EventKind.ERROR
+    assert payload["error"]["message"] == "overloaded"
+    # A null error field is not an error.
+    assert classify(event(chunk({"content": "x"}, error=None)))[0] is EventKind.CONTENT
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"data: {not json\n\n", b"data: <html>\n\n", b"data: [1, 2]\n\n", b'data: "text"\n\n'],
+)
+def test_invalid_events(raw: bytes) -> None:
+    assert classify(raw) == (EventKind.INVALID, None)
+
+
+def test_multi_line_data_is_joined_before_parsing() -> None:
+    raw = b'data: {"choices": [{"delta":\ndata: {"content": "Hi"}}]}\n\n'
+    assert event_data(raw) == b'{"choices": [{"delta":\n{"content": "Hi"}}]}'
+    assert classify(raw)[0] is EventKind.CONTENT
+
+
+def test_error_event_helper_is_one_parseable_error_event() -> None:
+    error = {"error": {"type": "service_error", "code": "upstream_error", "message": "broke"}}
+    raw = error_event(error)
+    assert raw.endswith(b"\n\n")
+    assert EventSplitter().feed(raw) == [raw]
+    assert classify(raw) == (EventKind.ERROR, error)
+
+
+# --------------------------------------------------------------------------------------
+# may_carry_usage / usage_of
+# --------------------------------------------------------------------------------------
+
+
+def test_may_carry_usage() -> None:
+    assert may_carry_usage(event({"choices": [], "usage": USAGE}))
+    assert may_carry_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 1}}\n\n')
+    assert not may_carry_usage(event(chunk({"content": "Hi"})))
+    assert not may_carry_usage(event(chunk({"content": "Hi"}, usage=None)))
+    assert not may_carry_usage(b'data: {"choices": [], "usage": null}\n\n')
+    assert not may_carry_usage(b"data: [DONE]\n\n")
+
+
+def test_usage_of_usage_only_chunk() -> None:
+    payload = {"choices": [], "usage": USAGE}
+    assert usage_of(payload) == (11, 4, True)
+
+
+def test_usage_of_chunk_with_choices_and_usage() -> None:
+    payload = chunk({}, "stop", usage=USAGE)
+    assert usage_of(payload) == (11, 4, False)
+
+
+def test_usage_of_non_stream_completion() -> None:
+    payload = {"object": "chat.completion", "choices": [{"index": 0}], "usage": USAGE}
+    assert usage_of(payload) == (11, 4, False)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [None, [], "usage", {"choices": []}, {"usage": None}, {"usage": [1, 2]}],
+)
+def test_usage_of_without_usage(payload: Any) -> None:
+    assert usage_of(payload) == (None, None, False)
+
+
+def test_usage_of_ignores_non_integer_counts() -> None:
+    payload = {"choices": [], "usage": {"prompt_tokens": "11", "completion_tokens": 4.5}}
+    assert usage_of(payload) == (None, None, True)
