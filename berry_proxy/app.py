@@ -70,7 +70,8 @@ def create_app(
     app.router.add_post("/v1/completions", handler(COMPLETIONS))
     app.router.add_post("/v1/embeddings", handler(EMBEDDINGS))
     app.router.add_get("/v1/models", status.v1_models)
-    app.router.add_get("/v1/models/{model}", status.v1_model)
+    # Model ids may contain "/" (e.g. meta-llama/Llama-3.1-8B).
+    app.router.add_get("/v1/models/{model:.+}", status.v1_model)
     app.router.add_get("/v1/health", status.v1_health)
     app.router.add_get("/models", status.models_overview)
     app.router.add_get("/health", status.health)

@@ -1,7 +1,7 @@
-"""Bearer-token authentication and model permissions.
+"""Bearer-token authentication, model permissions and endpoint access levels.
 
-Tokens are compared as sha256 digests with ``hmac.compare_digest`` against every user,
-without an early exit, so the time taken says nothing about which token nearly matched.
+Tokens are never kept or compared raw: users are found by the sha256 digest of the
+presented token (see ``Authenticator``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,15 @@ def access_of(handler: object) -> Access:
 
 
 class Authenticator:
+    """Finds the user a bearer token belongs to.
+
+    Users are indexed by the sha256 digest of their token. Looking up the digest leaks
+    nothing useful through timing: an attacker cannot steer a digest towards a valid one
+    without already knowing a token. The final comparison is ``hmac.compare_digest``.
+    """
+
     def __init__(self, users: Mapping[str, UserConfig]) -> None:
-        self._users = tuple(users.values())
+        self._by_digest = {user.token_sha256: user for user in users.values()}
 
     def authenticate(self, authorization: str | None) -> UserConfig:
         """The user an ``Authorization`` header belongs to, or raise 401."""
@@ -55,13 +62,10 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationFailed("invalid_token", "Authorization must be 'Bearer <token>'")
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        found: UserConfig | None = None
-        for user in self._users:
-            if hmac.compare_digest(digest, user.token_sha256):
-                found = user
-        if found is None or not found.enabled:
+        user = self._by_digest.get(digest)
+        if user is None or not hmac.compare_digest(digest, user.token_sha256) or not user.enabled:
             raise AuthenticationFailed("invalid_token", "The provided token is invalid")
-        return found
+        return user
 
 
 def require_admin(user: UserConfig) -> None:

@@ -18,7 +18,8 @@ The tree (status, ``type``)::
     ├── RateLimited             429 rate_limit_error  rate_limit_exceeded, upstream_rate_limited
     ├── InternalError           500 service_error     internal_error
     ├── UpstreamError           502 service_error     upstream_error
-    ├── ServiceUnavailable      503 service_error     no_healthy_backends, draining
+    ├── ServiceUnavailable      503 service_error     no_healthy_backends, draining,
+    │                                                 upstream_saturated
     └── UpstreamTimeout         504 service_error     upstream_timeout
 
 Upstream trouble is described separately by ``UpstreamFailure`` (what went wrong with one
@@ -151,6 +152,9 @@ class FailureKind(enum.Enum):
     RATE_LIMIT = "rate_limited"  # upstream 429
     AUTH = "auth_error"  # upstream 401/403: the provider's key is bad
     PROTOCOL = "protocol_error"  # 200 that is not JSON, broken SSE
+    # Every connection slot to the provider is busy (max_connections): the gateway's own
+    # limit, so it never counts against the provider.
+    SATURATED = "saturated"
 
 
 class UpstreamFailure(Exception):
@@ -240,6 +244,13 @@ def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
             "Every upstream provider is rate limiting this model; retry later",
             details={"attempts": attempts, "retry_after": retry_after},
             headers={"Retry-After": str(retry_after)},
+        )
+    if failures and all(f.kind is FailureKind.SATURATED for f in failures):
+        return ServiceUnavailable(
+            "upstream_saturated",
+            "Every connection to this model's providers is busy; retry shortly",
+            details={"attempts": attempts},
+            headers={"Retry-After": "1"},
         )
     if failures and all(f.kind is FailureKind.TIMEOUT for f in failures):
         return UpstreamTimeout(

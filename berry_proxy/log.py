@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 
 import orjson
 import structlog
+import structlog.tracebacks
 
 
 def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
@@ -20,7 +21,11 @@ def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None)
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
+            # show_locals=False: frame locals hold request bodies and provider headers,
+            # and prompts and keys must never reach a log.
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -15,6 +15,8 @@ closed at once so the provider stops generating.
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -141,7 +143,12 @@ def upstream_body(raw: bytes, body: dict[str, Any], backend_model: str, add_usag
     if add_usage:
         options = body.get("stream_options") or {}
         rewritten["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(rewritten)
+    try:
+        return orjson.dumps(rewritten)
+    except orjson.JSONEncodeError:
+        # orjson reads deeper nesting than it writes (1024 vs 254 levels); the standard
+        # library writes whatever was read.
+        return json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)
@@ -154,6 +161,14 @@ class Attempt:
     headers: dict[str, str]
     deadline: float  # monotonic; the request's overall deadline
     add_usage: bool  # we asked for usage the client did not: drop the usage-only chunk
+
+
+class StreamEnd(enum.Enum):
+    """How a committed stream ended."""
+
+    DONE = "done"  # the upstream finished with [DONE]
+    BROKEN = "broken"  # the upstream failed; the client got one error event
+    CLIENT_GONE = "client_gone"  # the client left; not the provider's fault
 
 
 class Proxy:
@@ -194,8 +209,10 @@ class Proxy:
         settings = self.config.settings
         deadline = ctx.started + settings.request_timeout_seconds
         headers = forwardable_request_headers(request.headers)
+        headers["Content-Type"] = "application/json"
         headers["X-Request-ID"] = ctx.request_id
         add_usage = stream and not wants_usage(body)
+        bodies: dict[str, bytes] = {}  # backend model -> rewritten body, built once each
         failures: list[UpstreamFailure] = []
         per_provider: dict[str, int] = {}
         for backend in plan:
@@ -207,10 +224,16 @@ class Proxy:
                 continue
             per_provider[provider.id] = tried + 1
             ctx.attempts += 1
+            backend_model = backend.config.model
+            upstream_request = bodies.get(backend_model)
+            if upstream_request is None:
+                upstream_request = bodies[backend_model] = upstream_body(
+                    raw, body, backend_model, add_usage
+                )
             attempt = Attempt(
                 backend=backend,
                 adapter=self.adapters[provider.id],
-                body=upstream_body(raw, body, backend.config.model, add_usage),
+                body=upstream_request,
                 headers=dict(headers),
                 deadline=deadline,
                 add_usage=add_usage,
@@ -222,7 +245,8 @@ class Proxy:
             except UpstreamFailure as failure:
                 failures.append(failure)
                 ctx.failures.append(f"{provider.id}: {failure.kind.value}")
-                self.pool.record_failure(backend, failure)
+                if failure.kind is not FailureKind.SATURATED:
+                    self.pool.record_failure(backend, failure)
         if not failures:
             failures.append(
                 UpstreamFailure(FailureKind.TIMEOUT, "request deadline passed before an attempt")
@@ -240,14 +264,13 @@ class Proxy:
         backend = attempt.backend
         provider = backend.provider
         total = provider.config.total_timeout_seconds or DEFAULT_TOTAL_TIMEOUT_SECONDS
+        await self._acquire(provider)
         started = self.clock()
-        timeout = min(total, attempt.deadline - started)
         upstream: UpstreamResponse | None = None
         finished = False
-        await self._acquire(provider)
         try:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(min(total, attempt.deadline - started)):
                     upstream = await attempt.adapter.send(
                         endpoint.upstream_path, backend.config.model, attempt.body, attempt.headers
                     )
@@ -293,7 +316,11 @@ class Proxy:
             raise failure
 
     async def _acquire(self, provider: ProviderState) -> None:
-        """Take one of the provider's connection slots, waiting at most its connect timeout."""
+        """Take one of the provider's connection slots, waiting at most its connect timeout.
+
+        Running out of slots is the gateway's own limit (``max_connections``), not a sign
+        of a sick provider: the failure is SATURATED and never counts against it.
+        """
         if not provider.slots.locked():
             await provider.slots.acquire()
             return
@@ -302,14 +329,15 @@ class Proxy:
                 await provider.slots.acquire()
         except TimeoutError:
             raise UpstreamFailure(
-                FailureKind.TIMEOUT, "timed out waiting for a free upstream connection"
+                FailureKind.SATURATED, "every connection to the provider is busy"
             ) from None
 
     def _served_by(self, ctx: RequestContext, backend: Backend) -> dict[str, str]:
         ctx.provider = backend.provider.id
         ctx.backend_model = backend.config.model
-        overhead = ctx.commit(self.clock())
-        ctx.time_to_first_byte = self.clock() - ctx.started
+        now = self.clock()
+        overhead = ctx.commit(now)
+        ctx.time_to_first_byte = now - ctx.started
         return {
             "X-Berry-Provider": backend.provider.id,
             "X-Berry-Backend-Model": backend.config.model,
@@ -330,37 +358,45 @@ class Proxy:
     ) -> web.StreamResponse:
         backend = attempt.backend
         provider = backend.provider
+        await self._acquire(provider)
         started = self.clock()
         upstream: UpstreamResponse | None = None
-        finished = False
-        await self._acquire(provider)
+        answered_at: float | None = None  # when the upstream's answer became final
+        end = StreamEnd.BROKEN
         try:
-            upstream, held, committed_at, splitter = await self._open_stream(
+            upstream, held, answered_at, splitter = await self._open_stream(
                 endpoint, attempt, started
             )
-            ctx.upstream_seconds += committed_at - started
+            ctx.upstream_seconds += answered_at - started
             if isinstance(held, bytes):
                 # A caller error (4xx) answered before any event: pass it through as is.
-                finished = True
+                end = StreamEnd.DONE
                 headers = passable_response_headers(upstream.headers)
                 headers.update(self._served_by(ctx, backend))
                 return web.Response(body=held, status=upstream.status, headers=headers)
             response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
             response.content_type = "text/event-stream"
             response.headers.update(self._served_by(ctx, backend))
-            finished = await self._copy(request, ctx, upstream, response, held, splitter, attempt)
-            latency = committed_at - started
-            if finished:
+            end = await self._copy(request, ctx, upstream, response, held, splitter, attempt)
+            latency = answered_at - started
+            if end is StreamEnd.DONE:
                 self.pool.record_success(backend, latency)
-            self.pool.record_model_outcome(backend.model.id, ok=finished, latency=latency)
+            if end is not StreamEnd.CLIENT_GONE:
+                self.pool.record_model_outcome(
+                    backend.model.id, ok=end is StreamEnd.DONE, latency=latency
+                )
             return response
         except asyncio.CancelledError:
             ctx.abort_reason = "client_disconnected"
             raise
         finally:
             provider.slots.release()
+            if answered_at is None:
+                # A failed attempt: its time is upstream time, not gateway overhead.
+                ctx.upstream_seconds += self.clock() - started
             if upstream is not None:
-                if finished:
+                # release() keeps a fully read connection for reuse and closes any other.
+                if end is StreamEnd.DONE:
                     upstream.release()
                 else:
                     upstream.abort()
@@ -401,7 +437,8 @@ class Proxy:
                         chunk = await upstream.read_chunk()
                         if not chunk:
                             raise UpstreamFailure(
-                                FailureKind.PROTOCOL, "upstream ended the stream before any content"
+                                FailureKind.PROTOCOL,
+                                "upstream ended the stream before any content",
                             )
                         arrived_at = self.clock()
                         events = splitter.feed(chunk)
@@ -437,8 +474,8 @@ class Proxy:
         held: list[bytes],
         splitter: EventSplitter,
         attempt: Attempt,
-    ) -> bool:
-        """Commit the response and copy the stream; True if it ended with ``[DONE]``."""
+    ) -> StreamEnd:
+        """Commit the response and copy the stream until it ends."""
         config = attempt.backend.provider.config
         idle = config.idle_timeout_seconds
         stream_deadline = (
@@ -446,22 +483,30 @@ class Proxy:
             if config.total_timeout_seconds is not None
             else None
         )
-        done = False
         pending = held
         try:
             await response.prepare(request)
         except ConnectionResetError:
             ctx.abort_reason = "client_disconnected"
-            return False
+            return StreamEnd.CLIENT_GONE
         while True:
-            out, saw_done = self._forwardable(ctx, pending, attempt.add_usage)
-            done = done or saw_done
+            out, end = self._forwardable(ctx, pending, attempt.add_usage)
             if out:
                 try:
                     await response.write(out)
                 except ConnectionResetError:
                     ctx.abort_reason = "client_disconnected"
-                    return False
+                    return StreamEnd.CLIENT_GONE
+            if end is StreamEnd.DONE:
+                return end
+            if end is StreamEnd.BROKEN:
+                # The upstream's own error event went out: it is the one error event.
+                self._record_broken(
+                    ctx,
+                    attempt,
+                    UpstreamFailure(FailureKind.SERVER, "upstream reported an error mid-stream"),
+                )
+                return end
             timeout = idle
             if stream_deadline is not None:
                 timeout = min(timeout, stream_deadline - self.clock())
@@ -472,47 +517,52 @@ class Proxy:
                 failure = map_upstream_exception(exc, "stream")
                 if failure is None:
                     raise
-                await self._break_stream(ctx, response, attempt, failure)
-                return False
+                return await self._break_stream(ctx, response, attempt, failure)
             if not chunk:
-                if done:
-                    return True
-                await self._break_stream(
-                    ctx,
-                    response,
-                    attempt,
-                    UpstreamFailure(FailureKind.NETWORK, "upstream ended the stream early"),
-                )
-                return False
+                failure = UpstreamFailure(FailureKind.NETWORK, "upstream ended the stream early")
+                return await self._break_stream(ctx, response, attempt, failure)
             pending = splitter.feed(chunk)
 
     def _forwardable(
         self, ctx: RequestContext, events: list[bytes], add_usage: bool
-    ) -> tuple[bytes, bool]:
-        """The bytes to send for ``events`` and whether ``[DONE]`` was among them.
+    ) -> tuple[bytes, StreamEnd | None]:
+        """The bytes to send for ``events``, and how the stream ended if it did.
 
         Notes the token usage, and drops the usage-only chunk when the client did not ask
-        for it (the gateway did, to learn the usage).
+        for it (the gateway did, to learn the usage). Stops after ``[DONE]`` or after an
+        error event from the upstream; nothing after them is sent.
         """
         if not events:
-            return b"", False
-        keep = events
-        done = False
-        for index, event in enumerate(events):
+            return b"", None
+        keep: list[bytes] = []
+        end: StreamEnd | None = None
+        for event in events:
             if is_done(event):
-                done = True
-                continue
-            if not may_carry_usage(event):
-                continue
-            _, payload = classify(event)
-            prompt, completion, usage_only = usage_of(payload)
-            if prompt is not None:
-                ctx.prompt_tokens = prompt
-            if completion is not None:
-                ctx.completion_tokens = completion
-            if usage_only and add_usage:
-                keep = events[:index] + events[index + 1 :]
-        return (keep[0] if len(keep) == 1 else b"".join(keep)), done
+                keep.append(event)
+                end = StreamEnd.DONE
+                break
+            if b'"error"' in event and classify(event)[0] is EventKind.ERROR:
+                keep.append(event)
+                end = StreamEnd.BROKEN
+                break
+            if may_carry_usage(event):
+                _, payload = classify(event)
+                prompt, completion, usage_only = usage_of(payload)
+                if prompt is not None:
+                    ctx.prompt_tokens = prompt
+                if completion is not None:
+                    ctx.completion_tokens = completion
+                if usage_only and add_usage:
+                    continue
+            keep.append(event)
+        return (keep[0] if len(keep) == 1 else b"".join(keep)), end
+
+    def _record_broken(
+        self, ctx: RequestContext, attempt: Attempt, failure: UpstreamFailure
+    ) -> None:
+        ctx.abort_reason = "upstream_" + failure.kind.value
+        ctx.failures.append(f"{attempt.backend.provider.id}: {failure.kind.value}")
+        self.pool.record_failure(attempt.backend, failure)
 
     async def _break_stream(
         self,
@@ -520,11 +570,9 @@ class Proxy:
         response: web.StreamResponse,
         attempt: Attempt,
         failure: UpstreamFailure,
-    ) -> None:
+    ) -> StreamEnd:
         """End a committed stream with one error event (and no ``[DONE]``)."""
-        ctx.abort_reason = "upstream_" + failure.kind.value
-        ctx.failures.append(f"{attempt.backend.provider.id}: {failure.kind.value}")
-        self.pool.record_failure(attempt.backend, failure)
+        self._record_broken(ctx, attempt, failure)
         code = "upstream_timeout" if failure.kind is FailureKind.TIMEOUT else "upstream_error"
         event = error_event(
             {
@@ -540,6 +588,8 @@ class Proxy:
             await response.write(event)
         except ConnectionResetError:
             ctx.abort_reason = "client_disconnected"
+            return StreamEnd.CLIENT_GONE
+        return StreamEnd.BROKEN
 
 
 def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

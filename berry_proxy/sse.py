@@ -28,8 +28,11 @@ class EventSplitter:
         data = self._buffer + chunk if self._buffer else chunk
         events: list[bytes] = []
         start = 0
+        # Almost every server ends events with "\n\n"; the slower search for the other
+        # endings is needed only when the data holds a "\r" at all.
+        find = _next_boundary if b"\r" in data else _next_lf_boundary
         while True:
-            end, width = _next_boundary(data, start)
+            end, width = find(data, start)
             if end < 0:
                 break
             events.append(data[start : end + width])
@@ -43,12 +46,12 @@ class EventSplitter:
         return self._buffer
 
 
+def _next_lf_boundary(data: bytes, start: int) -> tuple[int, int]:
+    return data.find(b"\n\n", start), 2
+
+
 def _next_boundary(data: bytes, start: int) -> tuple[int, int]:
-    # Almost every server ends events with "\n\n"; try the others only if it has "\r".
-    end = data.find(b"\n\n", start)
-    if b"\r" not in data:
-        return end, 2
-    best, width = end, 2
+    best, width = data.find(b"\n\n", start), 2
     for boundary in _BOUNDARIES[1:]:
         found = data.find(boundary, start)
         if found >= 0 and (best < 0 or found < best):
@@ -103,12 +106,9 @@ def classify(event: bytes) -> tuple[EventKind, Any]:
         if choice.get("finish_reason") is not None or choice.get("text"):
             return EventKind.CONTENT, payload
         delta = choice.get("delta")
-        if isinstance(delta, dict) and (
-            delta.get("content")
-            or delta.get("tool_calls")
-            or delta.get("function_call")
-            or delta.get("refusal")
-        ):
+        # Anything besides the role commits: content, tool calls, refusals, and the
+        # reasoning fields of DeepSeek/vLLM ("reasoning_content") or Ollama ("reasoning").
+        if isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role"):
             return EventKind.CONTENT, payload
     return EventKind.PREAMBLE, payload
 

@@ -38,6 +38,9 @@ DROPPED_REQUEST_HEADERS = frozenset(
         "api-key",
         "cookie",
         "content-length",
+        # aiohttp already decoded the client's body; the gateway sends JSON as it is.
+        "content-encoding",
+        "content-type",
         "accept-encoding",
         "expect",
         "x-request-id",
@@ -46,30 +49,16 @@ DROPPED_REQUEST_HEADERS = frozenset(
     }
 )
 
-# Upstream response headers never passed to the client: hop-by-hop, values aiohttp sets
-# itself for the client connection, the body encoding aiohttp already undid, and
-# provider-account details (rate limits of the provider's key, its request id and cookies).
-DROPPED_RESPONSE_HEADERS = frozenset(
+# Upstream response headers passed to the client: what describes the body, and OpenAI's
+# own informational headers. Everything else (hop-by-hop, cookies, the provider account's
+# rate limits and request ids, cloud region and routing details) stays behind.
+PASSED_RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "date",
-        "server",
-        "set-cookie",
-        "x-request-id",
-        "openai-organization",
-        "openai-project",
+        "content-type",
+        "openai-processing-ms",
+        "openai-version",
     }
 )
-_DROPPED_RESPONSE_PREFIXES = ("x-ratelimit-", "cf-", "alt-svc")
 
 
 def _connection_listed(headers: Mapping[str, str]) -> frozenset[str]:
@@ -90,18 +79,7 @@ def forwardable_request_headers(client_headers: Mapping[str, str]) -> dict[str, 
 
 
 def passable_response_headers(upstream_headers: Mapping[str, str]) -> dict[str, str]:
-    listed = _connection_listed(upstream_headers)
-    passed: dict[str, str] = {}
-    for name, value in upstream_headers.items():
-        lower = name.lower()
-        if (
-            lower in DROPPED_RESPONSE_HEADERS
-            or lower in listed
-            or lower.startswith(_DROPPED_RESPONSE_PREFIXES)
-        ):
-            continue
-        passed[name] = value
-    return passed
+    return {k: v for k, v in upstream_headers.items() if k.lower() in PASSED_RESPONSE_HEADERS}
 
 
 class UpstreamResponse(abc.ABC):

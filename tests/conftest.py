@@ -27,6 +27,7 @@ DISABLED_TOKEN = "test-disabled-token-0123456"
 UPSTREAM_KEY = "sk-upstream-secret-key-42"
 
 CHAT_CONTENT = ["Hello", " there", ", friend", "!"]
+UPSTREAM_ERROR_EVENT = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
 
 
 def chat_chunk(delta: dict[str, Any], finish: str | None = None, model: str = "up-model") -> bytes:
@@ -95,7 +96,8 @@ class Recorded:
 class FakeUpstream:
     """An OpenAI-compatible server whose behaviour each test chooses.
 
-    Modes: ``ok``; ``status`` (answer ``status_code`` with ``error_body`` and
+    Modes: ``ok``; ``error_mid_stream`` (one content event, then an error event, then
+    ``[DONE]``); ``done_no_eof`` (the whole stream, then the connection stays open); ``status`` (answer ``status_code`` with ``error_body`` and
     ``extra_headers``); ``reset`` (drop the connection before answering); ``stall`` (never
     answer); ``not_json`` (200 text); ``break_after`` (stream ``break_after`` content
     events, then drop the connection); ``gated`` (stream the first content event, then wait
@@ -169,6 +171,8 @@ class FakeUpstream:
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         options = body.get("stream_options") or {}
         events = stream_events(bool(options.get("include_usage")))
+        if self.mode == "error_mid_stream":
+            events = [*events[:2], UPSTREAM_ERROR_EVENT, b"data: [DONE]\n\n"]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         try:
@@ -182,6 +186,8 @@ class FakeUpstream:
                     self.first_chunk_sent.set()
                     if self.mode == "gated":
                         await self.gate.wait()
+            if self.mode == "done_no_eof":
+                await asyncio.sleep(3600)  # [DONE] sent, connection left open
         except (asyncio.CancelledError, ConnectionResetError):
             self.disconnected.set()
             raise

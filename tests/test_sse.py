@@ -261,3 +261,15 @@ def test_usage_of_without_usage(payload: Any) -> None:
 def test_usage_of_ignores_non_integer_counts() -> None:
     payload = {"choices": [], "usage": {"prompt_tokens": "11", "completion_tokens": 4.5}}
     assert usage_of(payload) == (None, None, True)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_deltas_commit_the_stream(field: str) -> None:
+    event = (
+        b"data: "
+        + orjson.dumps(
+            {"choices": [{"index": 0, "delta": {field: "Let me think"}, "finish_reason": None}]}
+        )
+        + b"\n\n"
+    )
+    assert classify(event)[0] is EventKind.CONTENT

@@ -1,0 +1,139 @@
+"""Stream and request edge cases a real deployment meets (each one a bug found in review)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp.test_utils import TestServer
+
+from berry_proxy.log import configure_logging, get_logger
+
+from .conftest import (
+    ADMIN_TOKEN,
+    UPSTREAM_ERROR_EVENT,
+    FakeUpstream,
+    GatewayFactory,
+    base_url,
+    gateway_config,
+    stream_events,
+)
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+CHAT: dict[str, Any] = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+async def _post(server: TestServer, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base_url(server) + "/v1/chat/completions", data=data, headers=headers) as r,
+    ):
+        return r.status, await r.read()
+
+
+async def test_gzip_and_form_typed_json_bodies_reach_the_upstream_as_json(
+    gateway: TestServer, upstream: FakeUpstream
+) -> None:
+    raw = orjson.dumps(CHAT)
+    compressed = {**AUTH, "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    assert (await _post(gateway, gzip.compress(raw), compressed))[0] == 200
+    # curl -d sends application/x-www-form-urlencoded; the body is still JSON.
+    form = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    assert (await _post(gateway, raw, form))[0] == 200
+    for sent in upstream.requests:
+        assert sent.headers["Content-Type"] == "application/json"
+        assert "Content-Encoding" not in sent.headers
+        assert sent.body == {**CHAT, "model": "up-model"}
+
+
+async def test_deeply_nested_fields_survive_the_model_rewrite(
+    gateway: TestServer, upstream: FakeUpstream
+) -> None:
+    nested: Any = "leaf"
+    for _ in range(300):  # deeper than orjson can write, well within what it reads
+        nested = [nested]
+    body = {**CHAT, "vendor_extension": nested}
+    status, _ = await _post(gateway, json.dumps(body).encode(), AUTH)
+    assert status == 200
+    assert upstream.requests[-1].body == {**body, "model": "up-model"}
+
+
+async def test_done_ends_the_response_even_if_the_upstream_keeps_the_connection(
+    gateway: TestServer, upstream: FakeUpstream
+) -> None:
+    upstream.mode = "done_no_eof"  # the gateway's idle timeout here is 2 s
+    status, body = await asyncio.wait_for(
+        _post(gateway, orjson.dumps({**CHAT, "stream": True}), AUTH), 1.5
+    )
+    assert status == 200
+    assert body == b"".join(stream_events(include_usage=False))
+
+
+async def test_upstream_error_event_mid_stream_is_the_one_error_and_no_done_follows(
+    gateway: TestServer, upstream: FakeUpstream
+) -> None:
+    upstream.mode = "error_mid_stream"
+    status, body = await _post(gateway, orjson.dumps({**CHAT, "stream": True}), AUTH)
+    assert status == 200
+    assert body == b"".join(stream_events(include_usage=False)[:2]) + UPSTREAM_ERROR_EVENT
+    assert b"[DONE]" not in body
+
+
+async def test_busy_connection_slots_answer_503_without_blaming_the_provider(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["providers"]["up1"]["max_connections"] = 1
+    raw["providers"]["up1"]["connect_timeout_seconds"] = 0.2
+    server = await start_gateway(raw)
+    upstream.mode = "gated"  # the first stream holds the only slot until the gate opens
+    async with aiohttp.ClientSession() as session:
+        url = base_url(server) + "/v1/chat/completions"
+        async with session.post(url, json={**CHAT, "stream": True}, headers=AUTH) as first:
+            await asyncio.wait_for(first.content.readuntil(b"\n\n"), 5)
+            async with session.post(url, json=CHAT, headers=AUTH) as second:
+                error = await second.json()
+                assert second.status == 503
+                assert second.headers["Retry-After"] == "1"
+            upstream.gate.set()
+            assert (await first.read()).endswith(b"data: [DONE]\n\n")
+        async with session.get(base_url(server) + "/health") as health:
+            providers = (await health.json())["providers"]
+    assert error["error"]["code"] == "upstream_saturated"
+    assert providers["up1"]["healthy"] is True
+
+
+async def test_model_ids_with_a_slash_can_be_retrieved(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["models"]["gpt-test"]["name"] = "meta-llama/Llama-3.1-8B"
+    server = await start_gateway(raw)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(base_url(server) + "/v1/models/meta-llama/Llama-3.1-8B", headers=AUTH) as r,
+    ):
+        assert r.status == 200
+        assert (await r.json())["id"] == "meta-llama/Llama-3.1-8B"
+
+
+def test_logged_exceptions_never_carry_frame_locals() -> None:
+    buffer = io.BytesIO()
+    configure_logging(stream=buffer)  # type: ignore[arg-type]  # BytesIO is a binary stream
+    try:
+        prompt = "SECRET-PROMPT-TEXT"  # a local of the failing frame
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            get_logger("test").exception("internal_error", request_id="r1")
+        line = orjson.loads(buffer.getvalue())
+    finally:
+        structlog.reset_defaults()
+    assert line["exception"][0]["exc_type"] == "RuntimeError"
+    assert prompt not in buffer.getvalue().decode()
