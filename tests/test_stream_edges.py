@@ -125,7 +125,7 @@ async def test_model_ids_with_a_slash_can_be_retrieved(
 
 def test_logged_exceptions_never_carry_frame_locals() -> None:
     buffer = io.BytesIO()
-    configure_logging(stream=buffer)  # type: ignore[arg-type]  # BytesIO is a binary stream
+    configure_logging(stream=buffer)
     try:
         prompt = "SECRET-PROMPT-TEXT"  # a local of the failing frame
         try:
