@@ -98,12 +98,12 @@ class Recorded:
 class FakeUpstream:
     """An OpenAI-compatible server whose behaviour each test chooses.
 
-    Modes: ``ok``; ``error_mid_stream`` (one content event, then an error event, then
-    ``[DONE]``); ``done_no_eof`` (the whole stream, then the connection stays open); ``status`` (answer ``status_code`` with ``error_body`` and
+    Modes: ``ok``; ``status`` (answer ``status_code`` with ``error_body`` and
     ``extra_headers``); ``reset`` (drop the connection before answering); ``stall`` (never
     answer); ``not_json`` (200 text); ``break_after`` (stream ``break_after`` content
     events, then drop the connection); ``gated`` (stream the first content event, then wait
-    for ``gate`` before the rest).
+    for ``gate`` before the rest); ``error_mid_stream`` (one content event, an error event,
+    then ``[DONE]``); ``done_no_eof`` (the whole stream, then keep the connection open).
     """
 
     mode: str = "ok"
