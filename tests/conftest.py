@@ -27,9 +27,7 @@ DISABLED_TOKEN = "test-disabled-token-0123456"
 UPSTREAM_KEY = "sk-upstream-secret-key-42"
 
 CHAT_CONTENT = ["Hello", " there", ", friend", "!"]
-UPSTREAM_ERROR_EVENT = (
-    b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
-)
+UPSTREAM_ERROR_EVENT = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
 
 
 def chat_chunk(delta: dict[str, Any], finish: str | None = None, model: str = "up-model") -> bytes:
