@@ -42,9 +42,20 @@ from .errors import (
     parse_retry_after,
     reraise_as_failure,
 )
+from .log import get_logger
 from .pool import Backend, BackendPool, ProviderState
 from .routing import Router
-from .sse import EventKind, EventSplitter, classify, error_event, is_done, may_carry_usage, usage_of
+from .sse import (
+    EventKind,
+    EventSplitter,
+    classify,
+    error_event,
+    is_done,
+    may_carry_usage,
+    split_events,
+    usage_of,
+    usage_position,
+)
 from .upstream import (
     Adapter,
     UpstreamResponse,
@@ -53,6 +64,8 @@ from .upstream import (
 )
 
 Clock = Callable[[], float]
+
+error_log = get_logger("berry_proxy.errors")
 
 # Events before the commit point are held back; past this size the stream commits anyway.
 MAX_HELD_BYTES = 64 * 1024
@@ -377,7 +390,18 @@ class Proxy:
             response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
             response.content_type = "text/event-stream"
             response.headers.update(self._served_by(ctx, backend))
-            end = await self._copy(request, ctx, upstream, response, held, splitter, attempt)
+            try:
+                end = await self._copy(request, ctx, upstream, response, held, splitter, attempt)
+            except Exception:
+                if not response.prepared:
+                    raise
+                # A bug of ours after the commit: the status line is gone, so the client
+                # must still learn from one error event that the answer is incomplete.
+                error_log.exception("stream_internal_error", request_id=ctx.request_id)
+                ctx.abort_reason = "internal_error"
+                end = await self._send_error_event(
+                    ctx, response, "internal_error", "The gateway failed while streaming"
+                )
             latency = answered_at - started
             if end is StreamEnd.DONE:
                 self.pool.record_success(backend, latency)
@@ -407,9 +431,8 @@ class Proxy:
         """Send the request and read up to the commit point.
 
         Returns the upstream response; then either the body of a pass-through error
-        (bytes) or the held events up to the committing one and any that arrived with it;
-        the time the committing event arrived (the time to first token); and the splitter
-        holding a partial next event.
+        (bytes) or the held events up to the committing one; the time the committing event
+        arrived (the time to first token); and the splitter holding what came after it.
         Raises ``UpstreamFailure`` for anything worth failing over.
         """
         backend = attempt.backend
@@ -441,8 +464,8 @@ class Proxy:
                                 "upstream ended the stream before any content",
                             )
                         arrived_at = self.clock()
-                        events = splitter.feed(chunk)
-                        for index, event in enumerate(events):
+                        splitter.push(chunk)
+                        while (event := splitter.pop()) is not None:
                             kind, _ = classify(event)
                             if kind is EventKind.INVALID:
                                 raise UpstreamFailure(
@@ -455,8 +478,8 @@ class Proxy:
                             held.append(event)
                             held_bytes += len(event)
                             if kind in _COMMITTING or held_bytes > MAX_HELD_BYTES:
-                                # Events that arrived with the committing one go out too.
-                                held.extend(events[index + 1 :])
+                                # Events that arrived with the committing one stay in the
+                                # splitter; the copy loop sends them right after these.
                                 return upstream, held, arrived_at, splitter
             except Exception as exc:
                 reraise_as_failure(exc, "first byte")
@@ -483,7 +506,7 @@ class Proxy:
             if config.total_timeout_seconds is not None
             else None
         )
-        pending = held
+        pending = b"".join(held) + splitter.take_block()
         try:
             await response.prepare(request)
         except ConnectionResetError:
@@ -493,7 +516,12 @@ class Proxy:
             out, end = self._forwardable(ctx, pending, attempt.add_usage)
             if out:
                 try:
-                    await response.write(out)
+                    if end is None:
+                        await response.write(out)
+                    else:
+                        # The last bytes: one write with the end-of-body marker (and the
+                        # headers, when the whole stream came in one block).
+                        await response.write_eof(out)
                 except ConnectionResetError:
                     ctx.abort_reason = "client_disconnected"
                     return StreamEnd.CLIENT_GONE
@@ -521,22 +549,31 @@ class Proxy:
             if not chunk:
                 failure = UpstreamFailure(FailureKind.NETWORK, "upstream ended the stream early")
                 return await self._break_stream(ctx, response, attempt, failure)
-            pending = splitter.feed(chunk)
+            pending = splitter.feed_block(chunk)
 
     def _forwardable(
-        self, ctx: RequestContext, events: list[bytes], add_usage: bool
+        self, ctx: RequestContext, block: bytes, add_usage: bool
     ) -> tuple[bytes, StreamEnd | None]:
-        """The bytes to send for ``events``, and how the stream ended if it did.
+        """The bytes to send for a block of complete events, and how the stream ended.
 
         Notes the token usage, and drops the usage-only chunk when the client did not ask
         for it (the gateway did, to learn the usage). Stops after ``[DONE]`` or after an
-        error event from the upstream; nothing after them is sent.
+        error event from the upstream; nothing after them is sent. A block with none of
+        these (nearly every one) goes out as it is, after three substring scans.
         """
-        if not events:
+        if not block:
             return b"", None
-        keep: list[bytes] = []
+        marks = [block.find(b"[DONE]"), block.find(b'"error"'), usage_position(block)]
+        first = min((m for m in marks if m >= 0), default=-1)
+        if first < 0:
+            return block, None
+        # Events before the one holding the first mark go out untouched; only the rest
+        # (usually the last event or two of the stream) is looked at one by one.
+        cut = block.rfind(b"\n\n", 0, first)
+        cut = 0 if cut < 0 else cut + 2
+        keep: list[bytes] = [block[:cut]] if cut else []
         end: StreamEnd | None = None
-        for event in events:
+        for event in split_events(block[cut:]):
             if is_done(event):
                 keep.append(event)
                 end = StreamEnd.DONE
@@ -574,15 +611,15 @@ class Proxy:
         """End a committed stream with one error event (and no ``[DONE]``)."""
         self._record_broken(ctx, attempt, failure)
         code = "upstream_timeout" if failure.kind is FailureKind.TIMEOUT else "upstream_error"
+        return await self._send_error_event(
+            ctx, response, code, f"The upstream stream broke: {failure.message}"
+        )
+
+    async def _send_error_event(
+        self, ctx: RequestContext, response: web.StreamResponse, code: str, message: str
+    ) -> StreamEnd:
         event = error_event(
-            {
-                "error": {
-                    "type": "service_error",
-                    "code": code,
-                    "message": f"The upstream stream broke: {failure.message}",
-                    "param": None,
-                }
-            }
+            {"error": {"type": "service_error", "code": code, "message": message, "param": None}}
         )
         try:
             await response.write(event)

@@ -17,37 +17,72 @@ _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventSplitter:
-    """Feed raw chunks, get back the complete events (each with its blank-line ending)."""
+    """Feed raw chunks; take complete events one by one, or all of them as one block.
 
-    __slots__ = ("_buffer",)
+    Before the commit point the proxy looks at events one at a time (``pop``); after it, it
+    forwards whole blocks (``take_block``) and looks inside only when a block holds
+    something to act on. Events keep their exact bytes, blank-line ending included.
+    """
+
+    __slots__ = ("_buffer", "_carriage_returns", "_position")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._position = 0  # start of the first event not yet taken
+        self._carriage_returns = False
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        data = self._buffer + chunk if self._buffer else chunk
-        events: list[bytes] = []
-        start = 0
+    def push(self, chunk: bytes) -> None:
+        rest = self._buffer[self._position :] if self._position else self._buffer
+        self._buffer = rest + chunk if rest else chunk
+        self._position = 0
         # Almost every server ends events with "\n\n"; the slower search for the other
         # endings is needed only when the data holds a "\r" at all.
-        find = _next_boundary if b"\r" in data else _next_lf_boundary
-        while True:
-            end, width = find(data, start)
-            if end < 0:
-                break
-            events.append(data[start : end + width])
-            start = end + width
-        self._buffer = data[start:]
+        self._carriage_returns = b"\r" in self._buffer
+
+    def pop(self) -> bytes | None:
+        """The next complete event, or None until more data arrives."""
+        data, start = self._buffer, self._position
+        if self._carriage_returns:
+            end, width = _next_boundary(data, start)
+        else:
+            end, width = data.find(b"\n\n", start), 2
+        if end < 0:
+            return None
+        self._position = end + width
+        return data[start : end + width]
+
+    def take_block(self) -> bytes:
+        """Every complete event not yet taken, as one block (often the chunk itself)."""
+        if self._carriage_returns:
+            events = []
+            while (event := self.pop()) is not None:
+                events.append(event)
+            return b"".join(events)
+        data, start = self._buffer, self._position
+        end = data.rfind(b"\n\n", start)
+        if end < 0:
+            return b""
+        end += 2
+        self._position = end
+        return data if start == 0 and end == len(data) else data[start:end]
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Push ``chunk`` and take every complete event."""
+        self.push(chunk)
+        events = []
+        while (event := self.pop()) is not None:
+            events.append(event)
         return events
+
+    def feed_block(self, chunk: bytes) -> bytes:
+        """Push ``chunk`` and take every complete event as one block."""
+        self.push(chunk)
+        return self.take_block()
 
     @property
     def pending(self) -> bytes:
-        """Bytes of an event that has not ended yet."""
-        return self._buffer
-
-
-def _next_lf_boundary(data: bytes, start: int) -> tuple[int, int]:
-    return data.find(b"\n\n", start), 2
+        """Bytes of an event that has not ended yet (and of events not yet taken)."""
+        return self._buffer[self._position :]
 
 
 def _next_boundary(data: bytes, start: int) -> tuple[int, int]:
@@ -61,6 +96,9 @@ def _next_boundary(data: bytes, start: int) -> tuple[int, int]:
 
 def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of an event, or None for a comment-only event."""
+    # The usual event is one "data: ..." line: slice it without splitting lines.
+    if event.startswith(b"data: ") and event.count(b"\n") == 2 and event.endswith(b"\n\n"):
+        return event[6:-2]
     parts = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
@@ -113,9 +151,23 @@ def classify(event: bytes) -> tuple[EventKind, Any]:
     return EventKind.PREAMBLE, payload
 
 
-def may_carry_usage(event: bytes) -> bool:
-    """Cheap pre-check before parsing: only a chunk with a non-null usage matters."""
-    return b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event
+def usage_position(data: bytes) -> int:
+    """Where the first usage object in ``data`` is, or -1 (``"usage": null`` is none)."""
+    compact, spaced = data.find(b'"usage":{'), data.find(b'"usage": {')
+    if compact < 0 or (0 <= spaced < compact):
+        return spaced
+    return compact
+
+
+def may_carry_usage(data: bytes) -> bool:
+    """Cheap pre-check before parsing: does an event (or a block of them) hold a usage
+    object? ``"usage": null``, which OpenAI puts in every chunk, does not count."""
+    return usage_position(data) >= 0
+
+
+def split_events(block: bytes) -> list[bytes]:
+    """The events of a block that holds only complete events."""
+    return EventSplitter().feed(block)
 
 
 def usage_of(payload: Any) -> tuple[int | None, int | None, bool]:

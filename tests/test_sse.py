@@ -273,3 +273,26 @@ def test_reasoning_deltas_commit_the_stream(field: str) -> None:
         + b"\n\n"
     )
     assert classify(event)[0] is EventKind.CONTENT
+
+
+def test_feed_block_returns_complete_events_as_one_block() -> None:
+    splitter = EventSplitter()
+    first = b"data: 1\n\ndata: 2\n\n"
+    assert splitter.feed_block(first) is first  # ends on a boundary: not copied
+    assert splitter.feed_block(b"data: 3\n\nda") == b"data: 3\n\n"
+    assert splitter.pending == b"da"
+    assert splitter.feed_block(b"ta: 4") == b""
+    assert splitter.feed_block(b"\n\n") == b"data: 4\n\n"
+    assert splitter.feed_block(b"data: 5\r\n\r\ndata: 6\r\n") == b"data: 5\r\n\r\n"
+    assert splitter.feed_block(b"\r\n") == b"data: 6\r\n\r\n"
+
+
+def test_usage_object_is_found_in_a_block_of_null_usage_chunks() -> None:
+    # OpenAI puts "usage": null in every chunk once include_usage is set.
+    block = (
+        b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+    )
+    assert may_carry_usage(block)
+    assert not may_carry_usage(block.split(b"\n\n")[0])
+    assert may_carry_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 3}}\n\n')

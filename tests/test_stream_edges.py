@@ -10,10 +10,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 
 from berry_proxy.log import configure_logging, get_logger
+from berry_proxy.proxy import Proxy
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -137,3 +139,17 @@ def test_logged_exceptions_never_carry_frame_locals() -> None:
         structlog.reset_defaults()
     assert line["exception"][0]["exc_type"] == "RuntimeError"
     assert prompt not in buffer.getvalue().decode()
+
+
+async def test_a_gateway_bug_after_the_commit_still_ends_the_stream_with_an_error_event(
+    gateway: TestServer, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("bug in the copy loop")
+
+    monkeypatch.setattr(Proxy, "_forwardable", broken)
+    status, body = await _post(gateway, orjson.dumps({**CHAT, "stream": True}), AUTH)
+    assert status == 200
+    error = orjson.loads(body.removeprefix(b"data: "))
+    assert error["error"]["code"] == "internal_error"
+    assert b"bug in the copy loop" not in body
