@@ -13,7 +13,7 @@ from aiohttp import web
 from . import keys, status
 from .auth import Authenticator
 from .config import Config
-from .middlewares import MIDDLEWARES, add_request_id
+from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
 from .pool import BackendPool
 from .proxy import CHAT, COMPLETIONS, EMBEDDINGS, Proxy, handler
@@ -64,7 +64,6 @@ def create_app(
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
-    app.on_response_prepare.append(add_request_id)
 
     app.router.add_post("/v1/chat/completions", handler(CHAT))
     app.router.add_post("/v1/completions", handler(COMPLETIONS))

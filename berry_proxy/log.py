@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -20,7 +22,7 @@ def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _iso_timestamp,
             # show_locals=False: frame locals hold request bodies and provider headers,
             # and prompts and keys must never reach a log.
             structlog.processors.ExceptionRenderer(
@@ -32,6 +34,28 @@ def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None)
         logger_factory=structlog.BytesLoggerFactory(file=stream or sys.stdout.buffer),
         cache_logger_on_first_use=True,
     )
+
+
+class _IsoSeconds:
+    """The ISO 8601 text of the current second, formatted once per second."""
+
+    second = -1
+    text = ""
+
+
+def _iso_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: ``timestamp`` as ISO 8601 UTC with microseconds.
+
+    Same output as structlog's ``TimeStamper(fmt="iso", utc=True)``, at a fraction of its
+    cost: this runs for every request's access line.
+    """
+    now = time.time()
+    second = int(now)
+    if second != _IsoSeconds.second:
+        _IsoSeconds.second = second
+        _IsoSeconds.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    event["timestamp"] = f"{_IsoSeconds.text}.{int((now - second) * 1e6):06d}Z"
+    return event
 
 
 def get_logger(name: str) -> Any:

@@ -71,6 +71,7 @@ error_log = get_logger("berry_proxy.errors")
 MAX_HELD_BYTES = 64 * 1024
 _COMMITTING = frozenset({EventKind.CONTENT, EventKind.USAGE, EventKind.DONE})
 STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
@@ -352,6 +353,7 @@ class Proxy:
         overhead = ctx.commit(now)
         ctx.time_to_first_byte = now - ctx.started
         return {
+            "X-Request-ID": ctx.request_id,
             "X-Berry-Provider": backend.provider.id,
             "X-Berry-Backend-Model": backend.config.model,
             "X-Berry-Attempts": str(ctx.attempts),
@@ -387,9 +389,11 @@ class Proxy:
                 headers = passable_response_headers(upstream.headers)
                 headers.update(self._served_by(ctx, backend))
                 return web.Response(body=held, status=upstream.status, headers=headers)
-            response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-            response.content_type = "text/event-stream"
-            response.headers.update(self._served_by(ctx, backend))
+            # All headers at once: this response is prepared here, so the request-id
+            # middleware cannot add X-Request-ID to it later (_served_by includes it).
+            response = web.StreamResponse(
+                status=200, headers={**STREAM_HEADERS, **self._served_by(ctx, backend)}
+            )
             try:
                 end = await self._copy(request, ctx, upstream, response, held, splitter, attempt)
             except Exception:
