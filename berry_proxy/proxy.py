@@ -562,41 +562,76 @@ class Proxy:
 
         Notes the token usage, and drops the usage-only chunk when the client did not ask
         for it (the gateway did, to learn the usage). Stops after ``[DONE]`` or after an
-        error event from the upstream; nothing after them is sent. A block with none of
-        these (nearly every one) goes out as it is, after three substring scans.
+        error event from the upstream; nothing after them is sent.
+
+        Only events holding a mark (``[DONE]``, an ``"error"`` key, a usage object) are
+        looked at; the bytes between them go out as slices of the block. Nearly every
+        block has no mark and costs three substring scans.
         """
-        if not block:
-            return b"", None
-        marks = [block.find(b"[DONE]"), block.find(b'"error"'), usage_position(block)]
-        first = min((m for m in marks if m >= 0), default=-1)
-        if first < 0:
+        if b"\r" in block:
+            return self._forwardable_events(ctx, split_events(block), add_usage)
+        done = block.find(b"[DONE]")
+        error = block.find(b'"error"')
+        usage = usage_position(block)
+        if done < 0 and error < 0 and usage < 0:
             return block, None
-        # Events before the one holding the first mark go out untouched; only the rest
-        # (usually the last event or two of the stream) is looked at one by one.
-        cut = block.rfind(b"\n\n", 0, first)
-        cut = 0 if cut < 0 else cut + 2
-        keep: list[bytes] = [block[:cut]] if cut else []
+        out: list[bytes] = []
+        position = 0
         end: StreamEnd | None = None
-        for event in split_events(block[cut:]):
-            if is_done(event):
-                keep.append(event)
-                end = StreamEnd.DONE
+        while end is None:
+            # A kind not found stays not found; one already passed is searched again.
+            if 0 <= done < position:
+                done = block.find(b"[DONE]", position)
+            if 0 <= error < position:
+                error = block.find(b'"error"', position)
+            if 0 <= usage < position:
+                usage = usage_position(block, position)
+            mark = min(m if m >= 0 else len(block) for m in (done, error, usage))
+            if mark == len(block):
+                out.append(block[position:])
                 break
-            if b'"error"' in event and classify(event)[0] is EventKind.ERROR:
-                keep.append(event)
-                end = StreamEnd.BROKEN
+            start = block.rfind(b"\n\n", position, mark)
+            start = position if start < 0 else start + 2
+            stop = block.find(b"\n\n", mark)
+            stop = len(block) if stop < 0 else stop + 2
+            out.append(block[position:start])
+            keep, end = self._marked_event(ctx, block[start:stop], add_usage)
+            if keep:
+                out.append(keep)
+            position = stop
+        return b"".join(out), end
+
+    def _forwardable_events(
+        self, ctx: RequestContext, events: list[bytes], add_usage: bool
+    ) -> tuple[bytes, StreamEnd | None]:
+        """``_forwardable`` one event at a time, for any line endings."""
+        out: list[bytes] = []
+        end: StreamEnd | None = None
+        for event in events:
+            keep, end = self._marked_event(ctx, event, add_usage)
+            out.append(keep)
+            if end is not None:
                 break
-            if may_carry_usage(event):
-                _, payload = classify(event)
-                prompt, completion, usage_only = usage_of(payload)
-                if prompt is not None:
-                    ctx.prompt_tokens = prompt
-                if completion is not None:
-                    ctx.completion_tokens = completion
-                if usage_only and add_usage:
-                    continue
-            keep.append(event)
-        return (keep[0] if len(keep) == 1 else b"".join(keep)), end
+        return b"".join(out), end
+
+    def _marked_event(
+        self, ctx: RequestContext, event: bytes, add_usage: bool
+    ) -> tuple[bytes, StreamEnd | None]:
+        """What to send of one event that may end the stream or carry usage."""
+        if is_done(event):
+            return event, StreamEnd.DONE
+        if b'"error"' in event and classify(event)[0] is EventKind.ERROR:
+            return event, StreamEnd.BROKEN
+        if may_carry_usage(event):
+            _, payload = classify(event)
+            prompt, completion, usage_only = usage_of(payload)
+            if prompt is not None:
+                ctx.prompt_tokens = prompt
+            if completion is not None:
+                ctx.completion_tokens = completion
+            if usage_only and add_usage:
+                return b"", None
+        return event, None
 
     def _record_broken(
         self, ctx: RequestContext, attempt: Attempt, failure: UpstreamFailure

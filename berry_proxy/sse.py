@@ -151,9 +151,9 @@ def classify(event: bytes) -> tuple[EventKind, Any]:
     return EventKind.PREAMBLE, payload
 
 
-def usage_position(data: bytes) -> int:
+def usage_position(data: bytes, start: int = 0) -> int:
     """Where the first usage object in ``data`` is, or -1 (``"usage": null`` is none)."""
-    compact, spaced = data.find(b'"usage":{'), data.find(b'"usage": {')
+    compact, spaced = data.find(b'"usage":{', start), data.find(b'"usage": {', start)
     if compact < 0 or (0 <= spaced < compact):
         return spaced
     return compact
