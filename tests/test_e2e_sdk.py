@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import aiohttp
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
 
 from .conftest import (
+    ADMIN_TOKEN,
     CHAT_CONTENT,
     DISABLED_TOKEN,
     UPSTREAM_KEY,
@@ -226,3 +228,77 @@ async def test_failover_to_second_backend(
             assert raw.headers["x-berry-provider"] == "up2"
     finally:
         await client.close()
+
+
+async def test_missing_token_raises_authentication_error(gateway: TestServer) -> None:
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{gateway.port}/v1",
+        api_key="unused",
+        max_retries=0,
+        default_headers={"Authorization": ""},
+    )
+    try:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    finally:
+        await client.close()
+    assert caught.value.code == "missing_token"
+
+
+async def test_oversized_request_raises_413(sdk: openai.AsyncOpenAI) -> None:
+    huge: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "user", "content": "x" * 70_000}  # the test config allows 64 KiB
+    ]
+    with pytest.raises(openai.APIStatusError) as caught:
+        await sdk.chat.completions.create(model="gpt-test", messages=huge)
+    assert caught.value.status_code == 413
+    assert caught.value.code == "request_too_large"
+
+
+async def test_model_without_usable_backends_raises_503_at_once(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["models"]["gpt-test"]["backends"][0]["enabled"] = False
+    server = await start_gateway(raw)
+    client = sdk_for(server, USER_TOKEN)
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
+    finally:
+        await client.close()
+    assert caught.value.status_code == 503
+    assert caught.value.code == "no_healthy_backends"
+    assert caught.value.response.headers["retry-after"] == "1"
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["details"] == {
+        "model": "gpt-test",
+        "total_backends": 1,
+        "healthy_backends": 0,
+    }
+    assert upstream.requests == []
+
+
+async def test_status_views_need_an_admin_token_when_not_public(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["server"]["public_status"] = False
+    server = await start_gateway(raw)
+    url = f"http://127.0.0.1:{server.port}"
+    user = {"Authorization": f"Bearer {USER_TOKEN}"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "/health") as resp:
+            assert resp.status == 401
+        async with session.get(
+            url + "/health", headers={"Authorization": f"Bearer {USER_TOKEN}"}
+        ) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "admin_required"
+        async with session.get(
+            url + "/health", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ) as resp:
+            assert resp.status == 200
+        async with session.get(url + "/v1/health") as resp:
+            assert resp.status == 200  # always public
