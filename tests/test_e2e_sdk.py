@@ -291,14 +291,10 @@ async def test_status_views_need_an_admin_token_when_not_public(
     async with aiohttp.ClientSession() as session:
         async with session.get(url + "/health") as resp:
             assert resp.status == 401
-        async with session.get(
-            url + "/health", headers={"Authorization": f"Bearer {USER_TOKEN}"}
-        ) as resp:
+        async with session.get(url + "/health", headers=user) as resp:
             assert resp.status == 403
             assert (await resp.json())["error"]["code"] == "admin_required"
-        async with session.get(
-            url + "/health", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        ) as resp:
+        async with session.get(url + "/health", headers=admin) as resp:
             assert resp.status == 200
         async with session.get(url + "/v1/health") as resp:
             assert resp.status == 200  # always public
