@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import aiohttp
 import openai
 import pytest
@@ -22,6 +24,22 @@ from .conftest import (
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
     {"role": "user", "content": "Say hello"}
 ]
+
+
+ErrorT = TypeVar("ErrorT", bound=openai.APIStatusError)
+
+
+async def chat_error(
+    server: TestServer, token: str, error: type[ErrorT], model: str = "gpt-test"
+) -> ErrorT:
+    """The exception the SDK raises for a chat completion that the gateway refuses."""
+    client = sdk_for(server, token)
+    try:
+        with pytest.raises(error) as caught:
+            await client.chat.completions.create(model=model, messages=MESSAGES)
+    finally:
+        await client.close()
+    return caught.value
 
 
 async def test_chat_completion_non_stream(sdk: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
@@ -109,30 +127,20 @@ async def test_missing_and_invalid_tokens_raise_authentication_error(
     gateway: TestServer,
 ) -> None:
     for token in ("not-a-known-token-at-all", DISABLED_TOKEN):
-        client = sdk_for(gateway, token)
-        try:
-            with pytest.raises(openai.AuthenticationError) as caught:
-                await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-            assert caught.value.body == {
-                "type": "authentication_error",
-                "code": "invalid_token",
-                "message": "The provided token is invalid",
-                "param": None,
-            }
-        finally:
-            await client.close()
+        error = await chat_error(gateway, token, openai.AuthenticationError)
+        assert error.body == {
+            "type": "authentication_error",
+            "code": "invalid_token",
+            "message": "The provided token is invalid",
+            "param": None,
+        }
 
 
 async def test_model_not_allowed_raises_permission_denied(gateway: TestServer) -> None:
-    client = sdk_for(gateway, USER_TOKEN)
-    try:
-        with pytest.raises(openai.PermissionDeniedError) as caught:
-            await client.chat.completions.create(model="other-model", messages=MESSAGES)
-    finally:
-        await client.close()
-    assert caught.value.code == "model_not_allowed"
-    assert isinstance(caught.value.body, dict)
-    assert caught.value.body["details"] == {"model": "other-model", "allowed_models": ["gpt-test"]}
+    error = await chat_error(gateway, USER_TOKEN, openai.PermissionDeniedError, "other-model")
+    assert error.code == "model_not_allowed"
+    assert isinstance(error.body, dict)
+    assert error.body["details"] == {"model": "other-model", "allowed_models": ["gpt-test"]}
 
 
 async def test_bad_requests_raise_bad_request(sdk: openai.AsyncOpenAI) -> None:
@@ -199,14 +207,9 @@ async def test_upstream_timeout_raises_504(
     raw["providers"]["up1"]["total_timeout_seconds"] = 0.2
     server = await start_gateway(raw)
     upstream.mode = "stall"
-    client = sdk_for(server, USER_TOKEN)
-    try:
-        with pytest.raises(openai.APIStatusError) as caught:
-            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-    finally:
-        await client.close()
-    assert caught.value.status_code == 504
-    assert caught.value.code == "upstream_timeout"
+    error = await chat_error(server, USER_TOKEN, openai.APIStatusError)
+    assert error.status_code == 504
+    assert error.code == "upstream_timeout"
 
 
 async def test_failover_to_second_backend(
@@ -261,17 +264,12 @@ async def test_model_without_usable_backends_raises_503_at_once(
     raw = gateway_config(upstream)
     raw["models"]["gpt-test"]["backends"][0]["enabled"] = False
     server = await start_gateway(raw)
-    client = sdk_for(server, USER_TOKEN)
-    try:
-        with pytest.raises(openai.InternalServerError) as caught:
-            await client.chat.completions.create(model="gpt-test", messages=MESSAGES)
-    finally:
-        await client.close()
-    assert caught.value.status_code == 503
-    assert caught.value.code == "no_healthy_backends"
-    assert caught.value.response.headers["retry-after"] == "1"
-    assert isinstance(caught.value.body, dict)
-    assert caught.value.body["details"] == {
+    error = await chat_error(server, USER_TOKEN, openai.InternalServerError)
+    assert error.status_code == 503
+    assert error.code == "no_healthy_backends"
+    assert error.response.headers["retry-after"] == "1"
+    assert isinstance(error.body, dict)
+    assert error.body["details"] == {
         "model": "gpt-test",
         "total_backends": 1,
         "healthy_backends": 0,
