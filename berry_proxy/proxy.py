@@ -6,9 +6,9 @@ order until one answers. Nothing reaches the client until an attempt has succeed
 stream: until its first event with content), so every failure before that point moves on
 to the next backend invisibly.
 
-Streams are copied event by event as the upstream sends them, byte for byte. After the
-commit point a failure ends the stream with one ``data: {"error": ...}`` event and no
-``[DONE]``. A client that leaves cancels the handler; the upstream connection is then
+Streams are copied as the upstream sends them, byte for byte, in blocks of whole events
+(an event cut across two reads goes out once it is complete). After the commit point a
+failure ends the stream with one ``data: {"error": ...}`` event and no ``[DONE]``. A client that leaves cancels the handler; the upstream connection is then
 closed at once so the provider stops generating.
 """
 
