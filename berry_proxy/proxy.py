@@ -8,8 +8,9 @@ to the next backend invisibly.
 
 Streams are copied as the upstream sends them, byte for byte, in blocks of whole events
 (an event cut across two reads goes out once it is complete). After the commit point a
-failure ends the stream with one ``data: {"error": ...}`` event and no ``[DONE]``. A client that leaves cancels the handler; the upstream connection is then
-closed at once so the provider stops generating.
+failure ends the stream with one ``data: {"error": ...}`` event and no ``[DONE]``. A client
+that leaves cancels the handler; the upstream connection is then closed at once so the
+provider stops generating.
 """
 
 from __future__ import annotations
