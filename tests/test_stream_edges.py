@@ -153,3 +153,37 @@ async def test_a_gateway_bug_after_the_commit_still_ends_the_stream_with_an_erro
     error = orjson.loads(body.removeprefix(b"data: "))
     assert error["error"]["code"] == "internal_error"
     assert b"bug in the copy loop" not in body
+
+
+async def test_idle_gap_after_the_commit_ends_the_stream_with_a_timeout_event(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["providers"]["up1"]["idle_timeout_seconds"] = 0.3
+    server = await start_gateway(raw)
+    upstream.mode = "gated"  # first content, then silence: the gate never opens
+    status, body = await asyncio.wait_for(
+        _post(server, orjson.dumps({**CHAT, "stream": True}), AUTH), 5
+    )
+    assert status == 200
+    events = [e for e in body.split(b"\n\n") if e]
+    assert b'"content":"Hello"' in events[1]
+    assert orjson.loads(events[-1].removeprefix(b"data: "))["error"]["code"] == "upstream_timeout"
+    assert b"[DONE]" not in body
+    await asyncio.wait_for(upstream.disconnected.wait(), 5)  # and the upstream was closed
+
+
+async def test_explicit_total_timeout_bounds_a_stream_that_keeps_trickling(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["providers"]["up1"]["idle_timeout_seconds"] = 30
+    raw["providers"]["up1"]["total_timeout_seconds"] = 0.3
+    server = await start_gateway(raw)
+    upstream.mode = "gated"
+    status, body = await asyncio.wait_for(
+        _post(server, orjson.dumps({**CHAT, "stream": True}), AUTH), 5
+    )
+    assert status == 200
+    last = orjson.loads([e for e in body.split(b"\n\n") if e][-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "upstream_timeout"
