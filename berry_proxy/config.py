@@ -20,447 +20,35 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import yaml
-from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validate
+from marshmallow import Schema, ValidationError
 
-STRATEGIES = (
-    "weighted_random",
-    "round_robin",
-    "least_latency",
-    "failover",
-    "random",
-    "weighted_failover",
-    "smart_weighted_failover",
-    "smart_ai",
+from .config_model import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_TOTAL_TIMEOUT_SECONDS,
+    PROVIDER_TYPES,
+    STRATEGIES,
+    UNSUPPORTED_PROVIDER_TYPES,
+    BackendConfig,
+    Config,
+    ConfigError,
+    MockConfig,
+    ModelConfig,
+    ProviderConfig,
+    RateLimitConfig,
+    RateLimitStoreConfig,
+    ServerConfig,
+    Settings,
+    SmartAISettings,
+    UserConfig,
 )
-PROVIDER_TYPES = ("openai", "azure", "mock")
-# Provider types the original accepted but berry-proxy does not speak yet.
-UNSUPPORTED_PROVIDER_TYPES = ("claude", "gemini", "anthropic")
-BILLING_MODES = ("per_token", "per_request")
-MIN_TOKEN_LENGTH = 16
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-DEFAULT_TOTAL_TIMEOUT_SECONDS = 600.0
+from .config_schema import ConfigSchema, ModelSchema, ProviderSchema, UserSchema
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; ``errors`` lists every problem with its path."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-# --------------------------------------------------------------------------------------
-# Frozen runtime objects
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 3000
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    public_status: bool = True
-    drain_timeout_seconds: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class MockConfig:
-    """Behaviour of the built-in fake LLM (provider type ``mock``)."""
-
-    latency_seconds: float = 0.0
-    chunk_count: int = 8
-    chunk_delay_seconds: float = 0.0
-    failure_rate: float = 0.0
-    seed: int = 0
-    embedding_dimensions: int = 8
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderConfig:
-    id: str
-    name: str
-    type: str
-    base_url: str
-    api_key: str = ""
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    enabled: bool = True
-    models: tuple[str, ...] = ()
-    connect_timeout_seconds: float = 10.0
-    first_byte_timeout_seconds: float = 60.0
-    idle_timeout_seconds: float = 60.0
-    # None means "not set": non-streaming requests then use DEFAULT_TOTAL_TIMEOUT_SECONDS
-    # and streams are unbounded (long generations must not be cut).
-    total_timeout_seconds: float | None = None
-    max_connections: int = 100
-    max_retries: int | None = None
-    api_version: str = "2024-10-21"
-    mock: MockConfig = field(default_factory=MockConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class BackendConfig:
-    provider: str
-    model: str
-    weight: float = 1.0
-    priority: int = 0
-    enabled: bool = True
-    tags: tuple[str, ...] = ()
-    billing_mode: str = "per_token"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    id: str
-    name: str
-    strategy: str = "smart_ai"
-    enabled: bool = True
-    backends: tuple[BackendConfig, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitConfig:
-    requests_per_minute: int | None = None
-    requests_per_hour: int | None = None
-    requests_per_day: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrent: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UserConfig:
-    id: str
-    name: str
-    # The sha256 digest of the token; the raw token is never kept.
-    token_sha256: bytes
-    enabled: bool = True
-    # Model ids (config keys); empty means every model.
-    allowed_models: tuple[str, ...] = ()
-    admin: bool = False
-    tags: tuple[str, ...] = ()
-    rate_limit: RateLimitConfig | None = None
-
-    def may_use(self, model_id: str) -> bool:
-        return not self.allowed_models or model_id in self.allowed_models
-
-
-@dataclass(frozen=True, slots=True)
-class ConfidenceAdjustments:
-    success_boost: float = 0.1
-    network_error_penalty: float = 0.3
-    auth_error_penalty: float = 0.8
-    rate_limit_penalty: float = 0.1
-    server_error_penalty: float = 0.2
-    model_error_penalty: float = 0.3
-    timeout_penalty: float = 0.2
-
-
-@dataclass(frozen=True, slots=True)
-class SmartAISettings:
-    initial_confidence: float = 0.8
-    min_confidence: float = 0.05
-    exploration_ratio: float = 0.2
-    enable_time_decay: bool = True
-    non_premium_stability_bonus: float = 1.1
-    confidence_adjustments: ConfidenceAdjustments = field(default_factory=ConfidenceAdjustments)
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    health_check_interval_seconds: float = 30.0
-    request_timeout_seconds: float = 600.0
-    max_retries: int = 3
-    max_internal_retries: int = 2
-    circuit_breaker_failure_threshold: int = 5
-    circuit_breaker_timeout_seconds: float = 60.0
-    recovery_check_interval_seconds: float = 120.0
-    health_check_timeout_seconds: float = 10.0
-    smart_ai: SmartAISettings = field(default_factory=SmartAISettings)
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitStoreConfig:
-    backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "berry:"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig
-    providers: Mapping[str, ProviderConfig]
-    models: Mapping[str, ModelConfig]
-    users: Mapping[str, UserConfig]
-    settings: Settings
-    rate_limit_store: RateLimitStoreConfig
-    # Public model name -> model, for request routing.
-    models_by_name: Mapping[str, ModelConfig]
-
-    def find_model(self, name_or_id: str) -> ModelConfig | None:
-        """The model a client means by ``name_or_id``: its public name, else its key."""
-        return self.models_by_name.get(name_or_id) or self.models.get(name_or_id)
-
-
-# --------------------------------------------------------------------------------------
-# Strict marshmallow fields and schemas
-# --------------------------------------------------------------------------------------
-
-
-class StrictFloat(fields.Float):
-    """A number, never a string or a boolean (marshmallow would coerce both)."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.make_error("invalid")
-        return float(value)
-
-
-class StrictInteger(fields.Integer):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(strict=True, **kwargs)
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
-        if isinstance(value, bool):
-            raise self.make_error("invalid")
-        return super()._deserialize(value, attr, data, **kwargs)
-
-
-class StrictBoolean(fields.Boolean):
-    """Only true/false: ``"no"`` or ``0`` in a config file is a mistake, not a boolean."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.make_error("invalid")
-        return value
-
-
-def _positive(**kwargs: Any) -> StrictFloat:
-    return StrictFloat(validate=validate.Range(min=0, min_inclusive=False), **kwargs)
-
-
-def _interval(**kwargs: Any) -> StrictFloat:
-    return StrictFloat(validate=validate.Range(min=1), **kwargs)
-
-
-def _fraction(**kwargs: Any) -> StrictFloat:
-    return StrictFloat(validate=validate.Range(min=0, max=1), **kwargs)
-
-
-def _string_list() -> fields.List[str]:
-    return fields.List(fields.String())
-
-
-class _Strict(Schema):
-    class Meta:
-        unknown = RAISE
-
-
-class ServerSchema(_Strict):
-    host = fields.String()
-    port = StrictInteger(validate=validate.Range(min=0, max=65535))
-    max_body_bytes = StrictInteger(validate=validate.Range(min=1024))
-    public_status = StrictBoolean()
-    drain_timeout_seconds = StrictFloat(validate=validate.Range(min=0))
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:
-        return ServerConfig(**data)
-
-
-class MockSchema(_Strict):
-    latency_seconds = StrictFloat(validate=validate.Range(min=0))
-    chunk_count = StrictInteger(validate=validate.Range(min=1, max=10000))
-    chunk_delay_seconds = StrictFloat(validate=validate.Range(min=0))
-    failure_rate = _fraction()
-    seed = StrictInteger()
-    embedding_dimensions = StrictInteger(validate=validate.Range(min=1, max=8192))
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> MockConfig:
-        return MockConfig(**data)
-
-
-def _rename_alias(data: dict[str, Any], alias: str, canonical: str) -> None:
-    """Accept the original's key name ``alias`` for ``canonical`` (not both at once)."""
-    if alias in data:
-        if canonical in data:
-            raise ValidationError(f"give either '{alias}' or '{canonical}', not both", alias)
-        data[canonical] = data.pop(alias)
-
-
-def _validate_provider_type(value: str) -> None:
-    if value in UNSUPPORTED_PROVIDER_TYPES:
-        raise ValidationError(f"provider type '{value}' is not supported yet")
-    if value not in PROVIDER_TYPES:
-        raise ValidationError(f"must be one of {', '.join(PROVIDER_TYPES)}, got '{value}'")
-
-
-class ProviderSchema(_Strict):
-    name = fields.String()
-    type = fields.String(load_default="openai", validate=_validate_provider_type)
-    base_url = fields.String()
-    api_key = fields.String()
-    headers = fields.Dict(keys=fields.String(), values=fields.String())
-    enabled = StrictBoolean()
-    models = _string_list()
-    connect_timeout_seconds = _positive()
-    first_byte_timeout_seconds = _positive()
-    idle_timeout_seconds = _positive()
-    total_timeout_seconds = _positive(allow_none=True)
-    max_connections = StrictInteger(validate=validate.Range(min=1))
-    max_retries = StrictInteger(validate=validate.Range(min=1))
-    api_version = fields.String(validate=validate.Length(min=1))
-    mock = fields.Nested(MockSchema)
-
-    @pre_load
-    def aliases(self, data: Any, **_: Any) -> Any:
-        if isinstance(data, dict):
-            data = dict(data)
-            _rename_alias(data, "backend_type", "type")
-            _rename_alias(data, "timeout_seconds", "connect_timeout_seconds")
-        return data
-
-
-class BackendSchema(_Strict):
-    provider = fields.String(required=True)
-    model = fields.String(required=True, validate=validate.Length(min=1))
-    weight = _positive()
-    priority = StrictInteger(validate=validate.Range(min=0))
-    enabled = StrictBoolean()
-    tags = _string_list()
-    billing_mode = fields.String(validate=validate.OneOf(BILLING_MODES))
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> BackendConfig:
-        if "tags" in data:
-            data["tags"] = tuple(data["tags"])
-        return BackendConfig(**data)
-
-
-class ModelSchema(_Strict):
-    name = fields.String(validate=validate.Length(min=1))
-    strategy = fields.String(validate=validate.OneOf(STRATEGIES))
-    enabled = StrictBoolean()
-    backends = fields.List(fields.Nested(BackendSchema), required=True)
-
-
-class RateLimitSchema(_Strict):
-    requests_per_minute = StrictInteger(validate=validate.Range(min=1))
-    requests_per_hour = StrictInteger(validate=validate.Range(min=1))
-    requests_per_day = StrictInteger(validate=validate.Range(min=1))
-    tokens_per_minute = StrictInteger(validate=validate.Range(min=1))
-    max_concurrent = StrictInteger(validate=validate.Range(min=1))
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> RateLimitConfig:
-        return RateLimitConfig(**data)
-
-
-def _validate_token(token: str) -> None:
-    if len(token) < MIN_TOKEN_LENGTH:
-        raise ValidationError(f"must be at least {MIN_TOKEN_LENGTH} characters")
-    if any(ch.isspace() for ch in token):
-        raise ValidationError("must not contain whitespace")
-
-
-def _validate_sha256(value: str) -> None:
-    if not _HEX64.match(value):
-        raise ValidationError("must be 64 hexadecimal characters (berry-proxy hash-token)")
-
-
-class UserSchema(_Strict):
-    name = fields.String()
-    token = fields.String(validate=_validate_token)
-    token_sha256 = fields.String(validate=_validate_sha256)
-    enabled = StrictBoolean()
-    allowed_models = _string_list()
-    admin = StrictBoolean()
-    tags = _string_list()
-    rate_limit = fields.Nested(RateLimitSchema)
-
-
-class ConfidenceAdjustmentsSchema(_Strict):
-    success_boost = _fraction()
-    network_error_penalty = _fraction()
-    auth_error_penalty = _fraction()
-    rate_limit_penalty = _fraction()
-    server_error_penalty = _fraction()
-    model_error_penalty = _fraction()
-    timeout_penalty = _fraction()
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> ConfidenceAdjustments:
-        return ConfidenceAdjustments(**data)
-
-
-class SmartAISchema(_Strict):
-    initial_confidence = _fraction()
-    min_confidence = _fraction()
-    exploration_ratio = _fraction()
-    enable_time_decay = StrictBoolean()
-    non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0))
-    confidence_adjustments = fields.Nested(ConfidenceAdjustmentsSchema)
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> SmartAISettings:
-        return SmartAISettings(**data)
-
-
-class SettingsSchema(_Strict):
-    health_check_interval_seconds = _interval()
-    request_timeout_seconds = _positive()
-    max_retries = StrictInteger(validate=validate.Range(min=1, max=100))
-    max_internal_retries = StrictInteger(validate=validate.Range(min=0, max=100))
-    circuit_breaker_failure_threshold = StrictInteger(validate=validate.Range(min=1))
-    circuit_breaker_timeout_seconds = _interval()
-    recovery_check_interval_seconds = _interval()
-    health_check_timeout_seconds = _positive()
-    smart_ai = fields.Nested(SmartAISchema)
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> Settings:
-        return Settings(**data)
-
-
-class RateLimitStoreSchema(_Strict):
-    backend = fields.String(validate=validate.OneOf(("memory", "redis")))
-    redis_url = fields.String(validate=validate.Regexp(r"^(redis|rediss|unix)://"))
-    key_prefix = fields.String()
-
-    @post_load
-    def build(self, data: dict[str, Any], **_: Any) -> RateLimitStoreConfig:
-        return RateLimitStoreConfig(**data)
-
-
-class _SectionMap(fields.Field):  # type: ignore[type-arg]  # holds raw mappings for pass 2
-    """A mapping of id -> raw table; each entry is validated on its own to keep paths exact."""
-
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValidationError("must be a mapping of id to settings")
-        return value
-
-
-class ConfigSchema(_Strict):
-    server = fields.Nested(ServerSchema)
-    providers = _SectionMap(required=True)
-    models = _SectionMap(required=True)
-    users = _SectionMap(required=True)
-    settings = fields.Nested(SettingsSchema)
-    rate_limit_store = fields.Nested(RateLimitStoreSchema)
-
-
-# --------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------
 
 
 def _flatten(messages: Any, path: str) -> Iterator[str]:
@@ -718,6 +306,8 @@ def config_path_from_env(cli_value: str | None) -> str:
 
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_TOTAL_TIMEOUT_SECONDS",
     "STRATEGIES",
     "BackendConfig",
     "Config",
@@ -726,11 +316,16 @@ __all__ = [
     "ModelConfig",
     "ProviderConfig",
     "RateLimitConfig",
+    "RateLimitStoreConfig",
     "ServerConfig",
     "Settings",
     "SmartAISettings",
     "UserConfig",
     "build_config",
+    "config_path_from_env",
+    "expand_env",
     "hash_token",
     "load_config",
+    "normalize_base_url",
+    "parse_file",
 ]

@@ -1,0 +1,275 @@
+"""Strict marshmallow schemas for every configuration section.
+
+Strict means: unknown keys are errors (``RAISE``), and numbers, booleans and strings are
+never coerced from one another ("yes" is not a boolean, "3" is not a number). Schemas of
+leaf sections build the frozen objects of ``config_model`` directly.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, pre_load, validate
+
+from .config_model import (
+    BILLING_MODES,
+    MIN_TOKEN_LENGTH,
+    PROVIDER_TYPES,
+    STRATEGIES,
+    UNSUPPORTED_PROVIDER_TYPES,
+    BackendConfig,
+    ConfidenceAdjustments,
+    MockConfig,
+    RateLimitConfig,
+    RateLimitStoreConfig,
+    ServerConfig,
+    Settings,
+    SmartAISettings,
+)
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class StrictFloat(fields.Float):
+    """A number, never a string or a boolean (marshmallow would coerce both)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.make_error("invalid")
+        return float(value)
+
+
+class StrictInteger(fields.Integer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, bool):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class StrictBoolean(fields.Boolean):
+    """Only true/false: ``"no"`` or ``0`` in a config file is a mistake, not a boolean."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+def _positive(**kwargs: Any) -> StrictFloat:
+    return StrictFloat(validate=validate.Range(min=0, min_inclusive=False), **kwargs)
+
+
+def _interval(**kwargs: Any) -> StrictFloat:
+    return StrictFloat(validate=validate.Range(min=1), **kwargs)
+
+
+def _fraction(**kwargs: Any) -> StrictFloat:
+    return StrictFloat(validate=validate.Range(min=0, max=1), **kwargs)
+
+
+def _string_list() -> fields.List[str]:
+    return fields.List(fields.String())
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class ServerSchema(_Strict):
+    host = fields.String()
+    port = StrictInteger(validate=validate.Range(min=0, max=65535))
+    max_body_bytes = StrictInteger(validate=validate.Range(min=1024))
+    public_status = StrictBoolean()
+    drain_timeout_seconds = StrictFloat(validate=validate.Range(min=0))
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:
+        return ServerConfig(**data)
+
+
+class MockSchema(_Strict):
+    latency_seconds = StrictFloat(validate=validate.Range(min=0))
+    chunk_count = StrictInteger(validate=validate.Range(min=1, max=10000))
+    chunk_delay_seconds = StrictFloat(validate=validate.Range(min=0))
+    failure_rate = _fraction()
+    seed = StrictInteger()
+    embedding_dimensions = StrictInteger(validate=validate.Range(min=1, max=8192))
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> MockConfig:
+        return MockConfig(**data)
+
+
+def _rename_alias(data: dict[str, Any], alias: str, canonical: str) -> None:
+    """Accept the original's key name ``alias`` for ``canonical`` (not both at once)."""
+    if alias in data:
+        if canonical in data:
+            raise ValidationError(f"give either '{alias}' or '{canonical}', not both", alias)
+        data[canonical] = data.pop(alias)
+
+
+def _validate_provider_type(value: str) -> None:
+    if value in UNSUPPORTED_PROVIDER_TYPES:
+        raise ValidationError(f"provider type '{value}' is not supported yet")
+    if value not in PROVIDER_TYPES:
+        raise ValidationError(f"must be one of {', '.join(PROVIDER_TYPES)}, got '{value}'")
+
+
+class ProviderSchema(_Strict):
+    name = fields.String()
+    type = fields.String(load_default="openai", validate=_validate_provider_type)
+    base_url = fields.String()
+    api_key = fields.String()
+    headers = fields.Dict(keys=fields.String(), values=fields.String())
+    enabled = StrictBoolean()
+    models = _string_list()
+    connect_timeout_seconds = _positive()
+    first_byte_timeout_seconds = _positive()
+    idle_timeout_seconds = _positive()
+    total_timeout_seconds = _positive(allow_none=True)
+    max_connections = StrictInteger(validate=validate.Range(min=1))
+    max_retries = StrictInteger(validate=validate.Range(min=1))
+    api_version = fields.String(validate=validate.Length(min=1))
+    mock = fields.Nested(MockSchema)
+
+    @pre_load
+    def aliases(self, data: Any, **_: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            _rename_alias(data, "backend_type", "type")
+            _rename_alias(data, "timeout_seconds", "connect_timeout_seconds")
+        return data
+
+
+class BackendSchema(_Strict):
+    provider = fields.String(required=True)
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    weight = _positive()
+    priority = StrictInteger(validate=validate.Range(min=0))
+    enabled = StrictBoolean()
+    tags = _string_list()
+    billing_mode = fields.String(validate=validate.OneOf(BILLING_MODES))
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> BackendConfig:
+        if "tags" in data:
+            data["tags"] = tuple(data["tags"])
+        return BackendConfig(**data)
+
+
+class ModelSchema(_Strict):
+    name = fields.String(validate=validate.Length(min=1))
+    strategy = fields.String(validate=validate.OneOf(STRATEGIES))
+    enabled = StrictBoolean()
+    backends = fields.List(fields.Nested(BackendSchema), required=True)
+
+
+class RateLimitSchema(_Strict):
+    requests_per_minute = StrictInteger(validate=validate.Range(min=1))
+    requests_per_hour = StrictInteger(validate=validate.Range(min=1))
+    requests_per_day = StrictInteger(validate=validate.Range(min=1))
+    tokens_per_minute = StrictInteger(validate=validate.Range(min=1))
+    max_concurrent = StrictInteger(validate=validate.Range(min=1))
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> RateLimitConfig:
+        return RateLimitConfig(**data)
+
+
+def _validate_token(token: str) -> None:
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValidationError(f"must be at least {MIN_TOKEN_LENGTH} characters")
+    if any(ch.isspace() for ch in token):
+        raise ValidationError("must not contain whitespace")
+
+
+def _validate_sha256(value: str) -> None:
+    if not _HEX64.match(value):
+        raise ValidationError("must be 64 hexadecimal characters (berry-proxy hash-token)")
+
+
+class UserSchema(_Strict):
+    name = fields.String()
+    token = fields.String(validate=_validate_token)
+    token_sha256 = fields.String(validate=_validate_sha256)
+    enabled = StrictBoolean()
+    allowed_models = _string_list()
+    admin = StrictBoolean()
+    tags = _string_list()
+    rate_limit = fields.Nested(RateLimitSchema)
+
+
+class ConfidenceAdjustmentsSchema(_Strict):
+    success_boost = _fraction()
+    network_error_penalty = _fraction()
+    auth_error_penalty = _fraction()
+    rate_limit_penalty = _fraction()
+    server_error_penalty = _fraction()
+    model_error_penalty = _fraction()
+    timeout_penalty = _fraction()
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> ConfidenceAdjustments:
+        return ConfidenceAdjustments(**data)
+
+
+class SmartAISchema(_Strict):
+    initial_confidence = _fraction()
+    min_confidence = _fraction()
+    exploration_ratio = _fraction()
+    enable_time_decay = StrictBoolean()
+    non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0))
+    confidence_adjustments = fields.Nested(ConfidenceAdjustmentsSchema)
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> SmartAISettings:
+        return SmartAISettings(**data)
+
+
+class SettingsSchema(_Strict):
+    health_check_interval_seconds = _interval()
+    request_timeout_seconds = _positive()
+    max_retries = StrictInteger(validate=validate.Range(min=1, max=100))
+    max_internal_retries = StrictInteger(validate=validate.Range(min=0, max=100))
+    circuit_breaker_failure_threshold = StrictInteger(validate=validate.Range(min=1))
+    circuit_breaker_timeout_seconds = _interval()
+    recovery_check_interval_seconds = _interval()
+    health_check_timeout_seconds = _positive()
+    smart_ai = fields.Nested(SmartAISchema)
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> Settings:
+        return Settings(**data)
+
+
+class RateLimitStoreSchema(_Strict):
+    backend = fields.String(validate=validate.OneOf(("memory", "redis")))
+    redis_url = fields.String(validate=validate.Regexp(r"^(redis|rediss|unix)://"))
+    key_prefix = fields.String()
+
+    @post_load
+    def build(self, data: dict[str, Any], **_: Any) -> RateLimitStoreConfig:
+        return RateLimitStoreConfig(**data)
+
+
+class _SectionMap(fields.Field):  # type: ignore[type-arg]  # holds raw mappings for pass 2
+    """A mapping of id -> raw table; each entry is validated on its own to keep paths exact."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValidationError("must be a mapping of id to settings")
+        return value
+
+
+class ConfigSchema(_Strict):
+    server = fields.Nested(ServerSchema)
+    providers = _SectionMap(required=True)
+    models = _SectionMap(required=True)
+    users = _SectionMap(required=True)
+    settings = fields.Nested(SettingsSchema)
+    rate_limit_store = fields.Nested(RateLimitStoreSchema)
