@@ -15,8 +15,9 @@ from .auth import Authenticator
 from .config import Config
 from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
+from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
 from .pool import BackendPool
-from .proxy import CHAT, COMPLETIONS, EMBEDDINGS, Proxy, handler
+from .proxy import Proxy, handler
 from .routing import Router
 from .upstream import Adapter, AzureAdapter, OpenAIAdapter
 

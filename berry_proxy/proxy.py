@@ -16,12 +16,9 @@ provider stops generating.
 from __future__ import annotations
 
 import asyncio
-import enum
-import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -32,18 +29,16 @@ from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS, Config
 from .context import RequestContext
 from .errors import (
     FailureKind,
-    InvalidRequest,
     ServiceUnavailable,
     UpstreamFailure,
     error_for_failures,
     failure_for_status,
-    invalid_parameter,
     map_upstream_exception,
-    missing_parameter,
     parse_retry_after,
     reraise_as_failure,
 )
 from .log import get_logger
+from .openai_request import Endpoint, parse_request, upstream_body, wants_usage
 from .pool import Backend, BackendPool, ProviderState
 from .routing import Router
 from .sse import (
@@ -51,12 +46,9 @@ from .sse import (
     EventSplitter,
     classify,
     error_event,
-    is_done,
-    may_carry_usage,
-    split_events,
     usage_of,
-    usage_position,
 )
+from .stream_filter import StreamEnd, forwardable
 from .upstream import (
     Adapter,
     UpstreamResponse,
@@ -78,94 +70,6 @@ STREAM_HEADERS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    upstream_path: str  # relative to the provider's base URL
-    required: str  # the field besides "model" that must be present
-    streams: bool
-
-
-CHAT = Endpoint("chat/completions", "messages", streams=True)
-COMPLETIONS = Endpoint("completions", "prompt", streams=True)
-EMBEDDINGS = Endpoint("embeddings", "input", streams=False)
-
-# OpenAI's documented ranges for the sampling fields; checked before any upstream call.
-_RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0),
-    "top_p": (0.0, 1.0),
-    "presence_penalty": (-2.0, 2.0),
-    "frequency_penalty": (-2.0, 2.0),
-}
-_POSITIVE_INTS = ("n", "max_tokens", "max_completion_tokens")
-
-
-def parse_request(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
-    """The request body as a dict, or a 400 naming the first bad field."""
-    if not raw.strip():
-        raise InvalidRequest("invalid_json", "The request body must be a JSON object")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("invalid_json", f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("invalid_json", "The request body must be a JSON object")
-    model = body.get("model")
-    if model is None:
-        raise missing_parameter("model")
-    if not isinstance(model, str) or not model:
-        raise invalid_parameter("model", "must be a non-empty string")
-    required = body.get(endpoint.required)
-    if required is None:
-        raise missing_parameter(endpoint.required)
-    if endpoint is CHAT:
-        if not isinstance(required, list) or not required:
-            raise invalid_parameter("messages", "must be a non-empty array of messages")
-    elif not isinstance(required, str | list):
-        raise invalid_parameter(endpoint.required, "must be a string or an array")
-    for name, (low, high) in _RANGES.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise invalid_parameter(name, "must be a number")
-        if not low <= value <= high:
-            raise invalid_parameter(name, f"must be between {low:g} and {high:g}")
-    for name in _POSITIVE_INTS:
-        value = body.get(name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise invalid_parameter(name, "must be a positive integer")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_parameter("stream", "must be a boolean")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid_parameter("stream_options", "must be an object")
-    return body
-
-
-def wants_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def upstream_body(raw: bytes, body: dict[str, Any], backend_model: str, add_usage: bool) -> bytes:
-    """The client's request for this backend: only ``model`` (and usage opt-in) rewritten."""
-    if body["model"] == backend_model and not add_usage:
-        return raw
-    rewritten = dict(body, model=backend_model)
-    if add_usage:
-        options = body.get("stream_options") or {}
-        rewritten["stream_options"] = {**options, "include_usage": True}
-    try:
-        return orjson.dumps(rewritten)
-    except orjson.JSONEncodeError:
-        # orjson reads deeper nesting than it writes (1024 vs 254 levels); the standard
-        # library writes whatever was read.
-        return json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 @dataclass(slots=True)
 class Attempt:
     """One try of one backend."""
@@ -176,14 +80,6 @@ class Attempt:
     headers: dict[str, str]
     deadline: float  # monotonic; the request's overall deadline
     add_usage: bool  # we asked for usage the client did not: drop the usage-only chunk
-
-
-class StreamEnd(enum.Enum):
-    """How a committed stream ended."""
-
-    DONE = "done"  # the upstream finished with [DONE]
-    BROKEN = "broken"  # the upstream failed; the client got one error event
-    CLIENT_GONE = "client_gone"  # the client left; not the provider's fault
 
 
 class Proxy:
@@ -518,7 +414,7 @@ class Proxy:
             ctx.abort_reason = "client_disconnected"
             return StreamEnd.CLIENT_GONE
         while True:
-            out, end = self._forwardable(ctx, pending, attempt.add_usage)
+            out, end = forwardable(ctx, pending, attempt.add_usage)
             if out:
                 try:
                     if end is None:
@@ -555,84 +451,6 @@ class Proxy:
                 failure = UpstreamFailure(FailureKind.NETWORK, "upstream ended the stream early")
                 return await self._break_stream(ctx, response, attempt, failure)
             pending = splitter.feed_block(chunk)
-
-    def _forwardable(
-        self, ctx: RequestContext, block: bytes, add_usage: bool
-    ) -> tuple[bytes, StreamEnd | None]:
-        """The bytes to send for a block of complete events, and how the stream ended.
-
-        Notes the token usage, and drops the usage-only chunk when the client did not ask
-        for it (the gateway did, to learn the usage). Stops after ``[DONE]`` or after an
-        error event from the upstream; nothing after them is sent.
-
-        Only events holding a mark (``[DONE]``, an ``"error"`` key, a usage object) are
-        looked at; the bytes between them go out as slices of the block. Nearly every
-        block has no mark and costs three substring scans.
-        """
-        if b"\r" in block:
-            return self._forwardable_events(ctx, split_events(block), add_usage)
-        done = block.find(b"[DONE]")
-        error = block.find(b'"error"')
-        usage = usage_position(block)
-        if done < 0 and error < 0 and usage < 0:
-            return block, None
-        out: list[bytes] = []
-        position = 0
-        end: StreamEnd | None = None
-        while end is None:
-            # A kind not found stays not found; one already passed is searched again.
-            if 0 <= done < position:
-                done = block.find(b"[DONE]", position)
-            if 0 <= error < position:
-                error = block.find(b'"error"', position)
-            if 0 <= usage < position:
-                usage = usage_position(block, position)
-            mark = min(m if m >= 0 else len(block) for m in (done, error, usage))
-            if mark == len(block):
-                out.append(block[position:])
-                break
-            start = block.rfind(b"\n\n", position, mark)
-            start = position if start < 0 else start + 2
-            stop = block.find(b"\n\n", mark)
-            stop = len(block) if stop < 0 else stop + 2
-            out.append(block[position:start])
-            keep, end = self._marked_event(ctx, block[start:stop], add_usage)
-            if keep:
-                out.append(keep)
-            position = stop
-        return b"".join(out), end
-
-    def _forwardable_events(
-        self, ctx: RequestContext, events: list[bytes], add_usage: bool
-    ) -> tuple[bytes, StreamEnd | None]:
-        """``_forwardable`` one event at a time, for any line endings."""
-        out: list[bytes] = []
-        end: StreamEnd | None = None
-        for event in events:
-            keep, end = self._marked_event(ctx, event, add_usage)
-            out.append(keep)
-            if end is not None:
-                break
-        return b"".join(out), end
-
-    def _marked_event(
-        self, ctx: RequestContext, event: bytes, add_usage: bool
-    ) -> tuple[bytes, StreamEnd | None]:
-        """What to send of one event that may end the stream or carry usage."""
-        if is_done(event):
-            return event, StreamEnd.DONE
-        if b'"error"' in event and classify(event)[0] is EventKind.ERROR:
-            return event, StreamEnd.BROKEN
-        if may_carry_usage(event):
-            _, payload = classify(event)
-            prompt, completion, usage_only = usage_of(payload)
-            if prompt is not None:
-                ctx.prompt_tokens = prompt
-            if completion is not None:
-                ctx.completion_tokens = completion
-            if usage_only and add_usage:
-                return b"", None
-        return event, None
 
     def _record_broken(
         self, ctx: RequestContext, attempt: Attempt, failure: UpstreamFailure

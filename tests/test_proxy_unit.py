@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from berry_proxy.context import request_id_from
 from berry_proxy.errors import InvalidRequest
-from berry_proxy.proxy import (
+from berry_proxy.openai_request import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,

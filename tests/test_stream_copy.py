@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from berry_proxy.context import RequestContext
-from berry_proxy.proxy import Proxy, StreamEnd
 from berry_proxy.sse import EventSplitter
+from berry_proxy.stream_filter import StreamEnd, forwardable
 
 
 def _event(payload: object, ending: bytes) -> bytes:
@@ -75,12 +75,11 @@ def expected(events: list[tuple[str, bytes]], add_usage: bool) -> tuple[bytes, S
 
 
 def copy(chunks: list[bytes], add_usage: bool) -> tuple[bytes, StreamEnd | None, RequestContext]:
-    proxy = Proxy.__new__(Proxy)  # _forwardable needs no collaborators
     ctx = RequestContext("req_test", 0.0)
     splitter = EventSplitter()
     out = b""
     for chunk in chunks:
-        sent, end = proxy._forwardable(ctx, splitter.feed_block(chunk), add_usage)
+        sent, end = forwardable(ctx, splitter.feed_block(chunk), add_usage)
         out += sent
         if end is not None:
             return out, end, ctx

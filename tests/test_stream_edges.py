@@ -15,7 +15,6 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from berry_proxy.log import configure_logging, get_logger
-from berry_proxy.proxy import Proxy
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -147,7 +146,7 @@ async def test_a_gateway_bug_after_the_commit_still_ends_the_stream_with_an_erro
     def broken(*_: object) -> None:
         raise RuntimeError("bug in the copy loop")
 
-    monkeypatch.setattr(Proxy, "_forwardable", broken)
+    monkeypatch.setattr("berry_proxy.proxy.forwardable", broken)
     status, body = await _post(gateway, orjson.dumps({**CHAT, "stream": True}), AUTH)
     assert status == 200
     error = orjson.loads(body.removeprefix(b"data: "))
