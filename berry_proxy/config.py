@@ -158,17 +158,7 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     providers: dict[str, ProviderConfig] = {}
     for pid, entry in _entries(top.get("providers")):
         path = f"providers.{pid}"
-        first_error = len(errors)
         loaded = _load_section(ProviderSchema(), entry, path, errors)
-        for alias, canonical in (
-            ("backend_type", "type"),
-            ("timeout_seconds", "connect_timeout_seconds"),
-        ):
-            if isinstance(entry, dict) and alias in entry and canonical not in entry:
-                errors[first_error:] = [
-                    e.replace(f"{path}.{canonical}:", f"{path}.{alias}:", 1)
-                    for e in errors[first_error:]
-                ]
         if loaded is not None and (provider := _build_provider(pid, loaded, path, errors)):
             providers[pid] = provider
 

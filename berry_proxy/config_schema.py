@@ -105,12 +105,9 @@ class MockSchema(_Strict):
         return MockConfig(**data)
 
 
-def _rename_alias(data: dict[str, Any], alias: str, canonical: str) -> None:
-    """Accept the original's key name ``alias`` for ``canonical`` (not both at once)."""
-    if alias in data:
-        if canonical in data:
-            raise ValidationError(f"give either '{alias}' or '{canonical}', not both", alias)
-        data[canonical] = data.pop(alias)
+# The original's key names, accepted for ours. Each alias is a field of its own, so an
+# error names the key as the file wrote it; post_load then moves the value across.
+_PROVIDER_ALIASES = (("backend_type", "type"), ("timeout_seconds", "connect_timeout_seconds"))
 
 
 def _validate_provider_type(value: str) -> None:
@@ -123,12 +120,14 @@ def _validate_provider_type(value: str) -> None:
 class ProviderSchema(_Strict):
     name = fields.String()
     type = fields.String(load_default="openai", validate=_validate_provider_type)
+    backend_type = fields.String(validate=_validate_provider_type)
     base_url = fields.String()
     api_key = fields.String()
     headers = fields.Dict(keys=fields.String(), values=fields.String())
     enabled = StrictBoolean()
     models = _string_list()
     connect_timeout_seconds = _positive()
+    timeout_seconds = _positive()
     first_byte_timeout_seconds = _positive()
     idle_timeout_seconds = _positive()
     total_timeout_seconds = _positive(allow_none=True)
@@ -138,11 +137,20 @@ class ProviderSchema(_Strict):
     mock = fields.Nested(MockSchema)
 
     @pre_load
-    def aliases(self, data: Any, **_: Any) -> Any:
+    def one_name_per_key(self, data: Any, **_: Any) -> Any:
         if isinstance(data, dict):
-            data = dict(data)
-            _rename_alias(data, "backend_type", "type")
-            _rename_alias(data, "timeout_seconds", "connect_timeout_seconds")
+            for alias, canonical in _PROVIDER_ALIASES:
+                if alias in data and canonical in data:
+                    raise ValidationError(
+                        f"give either '{alias}' or '{canonical}', not both", alias
+                    )
+        return data
+
+    @post_load
+    def merge_aliases(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        for alias, canonical in _PROVIDER_ALIASES:
+            if alias in data:
+                data[canonical] = data.pop(alias)
         return data
 
 
