@@ -47,7 +47,6 @@ def create_app(
     app[keys.CLOCK] = clock
     app[keys.POOL] = pool
     app[keys.AUTHENTICATOR] = Authenticator(config.users)
-    app[keys.STARTED_AT] = wall_clock()
     router = Router(pool, rng)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -22,7 +22,6 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 POOL: web.AppKey[BackendPool] = web.AppKey("pool")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
-STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 # Monotonic seconds; injected so tests can drive time.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 

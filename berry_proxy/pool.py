@@ -53,15 +53,6 @@ class Stats:
         self.last_failure = now
         self.last_error = message
 
-    @property
-    def success_rate(self) -> float:
-        return self.successful_requests / self.total_requests if self.total_requests else 1.0
-
-    @property
-    def average_latency_ms(self) -> float:
-        ok = self.successful_requests
-        return round(self.latency_sum / ok * 1000, 3) if ok else 0.0
-
 
 @dataclass(slots=True)
 class ProviderState:
