@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,9 +12,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import keys, status
+from . import keys, routing_views, status
 from .auth import Authenticator
 from .config import Config
+from .health import HealthProber
 from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
 from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
@@ -40,14 +43,23 @@ def create_app(
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
+    health_checks: bool = True,
 ) -> web.Application:
+    """The gateway for ``config``.
+
+    Clocks and randomness are injectable so tests can drive time and draws;
+    ``health_checks=False`` leaves the background prober off (tests then call
+    ``app[keys.PROBER].probe_once()`` themselves).
+    """
     app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes)
-    pool = BackendPool(config, wall_clock)
+    pool = BackendPool(config, clock, wall_clock)
     app[keys.CONFIG] = config
     app[keys.CLOCK] = clock
+    app[keys.STARTED_AT] = wall_clock()
     app[keys.POOL] = pool
     app[keys.AUTHENTICATOR] = Authenticator(config.users)
     router = Router(pool, rng)
+    app[keys.ROUTER] = router
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One session for every provider: pooled keep-alive connections. Per-provider
@@ -59,8 +71,17 @@ def create_app(
             raise_for_status=False,
         )
         app[keys.CLIENT_SESSION] = session
-        app[keys.PROXY] = Proxy(config, pool, router, build_adapters(config, session), clock)
+        adapters = build_adapters(config, session)
+        app[keys.PROXY] = Proxy(config, pool, router, adapters, clock)
+        jitter_rng = random.Random(router.rng.getrandbits(64))  # noqa: S311  # not cryptography
+        prober = HealthProber(pool, adapters, config.settings, jitter_rng)
+        app[keys.PROBER] = prober
+        probing = asyncio.create_task(prober.run(), name="health-prober") if health_checks else None
         yield
+        if probing is not None:
+            probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probing
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
@@ -74,4 +95,9 @@ def create_app(
     app.router.add_get("/v1/health", status.v1_health)
     app.router.add_get("/models", status.models_overview)
     app.router.add_get("/health", status.health)
+    app.router.add_get("/admin/model-weights", routing_views.model_weights)
+    app.router.add_get("/admin/backend-health", routing_views.backend_health)
+    app.router.add_get("/admin/system-stats", routing_views.system_stats)
+    app.router.add_get("/smart-ai/weights", routing_views.smart_ai_weights)
+    app.router.add_get("/smart-ai/models/{model:.+}/weights", routing_views.smart_ai_model_weights)
     return app

@@ -12,8 +12,10 @@ if TYPE_CHECKING:
     from .auth import Authenticator
     from .config import Config, UserConfig
     from .context import RequestContext
+    from .health import HealthProber
     from .pool import BackendPool
     from .proxy import Proxy
+    from .routing import Router
 
 # Annotations (not evaluated at run time) carry the types, so this module imports none of
 # the modules that use it.
@@ -21,9 +23,13 @@ CONFIG: web.AppKey[Config] = web.AppKey("config")
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 POOL: web.AppKey[BackendPool] = web.AppKey("pool")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+PROBER: web.AppKey[HealthProber] = web.AppKey("prober")
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
 # Monotonic seconds; injected so tests can drive time.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+# Wall-clock seconds when the app was built, for uptime.
+STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 
 REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context")
 USER: web.RequestKey[UserConfig] = web.RequestKey("user")

@@ -119,6 +119,10 @@ class MockAdapter(Adapter):
         self._sleep = sleep
         self._clock = clock
 
+    async def probe(self) -> int:
+        # The fake provider is always reachable; its failure_rate models failing requests.
+        return 200
+
     async def send(
         self,
         endpoint: str,

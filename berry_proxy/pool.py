@@ -1,8 +1,9 @@
-"""Runtime state of providers and backends, and which backends may serve a request.
+"""Runtime state of providers and backends, and how outcomes update it.
 
 The config is frozen; everything that changes while serving (request counts, latency,
-last errors) lives here. Routing strategies, the circuit breaker and the health prober
-read and update the same objects, so every endpoint shows what the router sees.
+breaker, probe results, SmartAI confidence, recovery stage, rate-limit cool-down) lives
+here. The router, the health prober and every status view read these same objects, so
+what an endpoint shows is what routing does.
 """
 
 from __future__ import annotations
@@ -12,13 +13,30 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .breaker import BreakerState, CircuitBreaker
 from .config import BackendConfig, Config, ModelConfig, ProviderConfig, UserConfig
-from .errors import UpstreamFailure
+from .errors import FailureKind, UpstreamFailure
+from .log import get_logger
+from .smart_ai import Confidence
 
 Clock = Callable[[], float]
 
+log = get_logger("berry_proxy.pool")
+
 # Weight of the newest sample in the exponentially weighted moving latency average.
 LATENCY_EWMA_ALPHA = 0.3
+# Failures that say something about the provider, and so count against its breaker.
+# A 429 means "busy, come back later" (handled by the Retry-After cool-down, and by
+# SmartAI's rate-limit penalty), not "broken"; saturation is the gateway's own limit.
+BREAKER_FAILURES = frozenset(
+    {
+        FailureKind.NETWORK,
+        FailureKind.TIMEOUT,
+        FailureKind.SERVER,
+        FailureKind.AUTH,
+        FailureKind.PROTOCOL,
+    }
+)
 
 
 @dataclass(slots=True)
@@ -53,31 +71,79 @@ class Stats:
         self.last_failure = now
         self.last_error = message
 
+    @property
+    def success_rate(self) -> float | None:
+        return self.successful_requests / self.total_requests if self.total_requests else None
 
-@dataclass(slots=True)
+    @property
+    def average_latency_ms(self) -> float | None:
+        if not self.successful_requests:
+            return None
+        return self.latency_sum / self.successful_requests * 1000
+
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class ProviderState:
     config: ProviderConfig
     # Bounds concurrent upstream requests to this provider (max_connections).
     slots: asyncio.Semaphore
+    breaker: CircuitBreaker
+    # True when it serves an enabled per_token backend: only those get health probes.
+    probed: bool
     stats: Stats = field(default_factory=Stats)
+    last_check: float | None = None  # wall-clock seconds of the last probe
+    probe_ok: bool | None = None  # None: never probed
+    probe_error: str | None = None
+    # Monotonic time before which the provider asked not to be called (429 Retry-After).
+    cooldown_until: float = 0.0
 
     @property
     def id(self) -> str:
         return self.config.id
 
+    @property
+    def healthy(self) -> bool:
+        """Enabled, breaker not open, and its last probe (if any) succeeded."""
+        return (
+            self.config.enabled
+            and self.breaker.state is not BreakerState.OPEN
+            and self.probe_ok is not False
+        )
 
-@dataclass(slots=True)
+    @property
+    def error(self) -> str | None:
+        """Why the provider is not healthy, in words safe to show anyone."""
+        if not self.config.enabled:
+            return "provider disabled"
+        if self.breaker.state is BreakerState.OPEN:
+            return f"circuit breaker open: {self.stats.last_error or 'repeated failures'}"
+        if self.probe_ok is False:
+            return self.probe_error
+        return None
+
+
+@dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Backend:
     """One (provider, upstream model) pair serving a public model."""
 
     model: ModelConfig
     config: BackendConfig
     provider: ProviderState
+    index: int  # position in the model's backend list: a stable key for strategies
+    confidence: Confidence
     stats: Stats = field(default_factory=Stats)
+    # smart_weighted_failover: successes since the provider's breaker last opened;
+    # None once fully recovered.
+    recovery_successes: int | None = None
 
     @property
     def usable(self) -> bool:
+        """Enabled by config, it and its provider."""
         return self.config.enabled and self.provider.config.enabled
+
+    @property
+    def healthy(self) -> bool:
+        return self.config.enabled and self.provider.healthy
 
     def serves_tags(self, user_tags: Sequence[str]) -> bool:
         """A tagged user reaches backends sharing one of its tags, or untagged ones."""
@@ -87,31 +153,100 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, config: Config, wall_clock: Clock = time.time) -> None:
+    def __init__(
+        self, config: Config, clock: Clock = time.monotonic, wall_clock: Clock = time.time
+    ) -> None:
+        self.config = config
+        self.clock = clock
         self.wall_clock = wall_clock
+        settings = config.settings
+        now = clock()
         self.providers = {
-            pid: ProviderState(p, asyncio.Semaphore(p.max_connections))
+            pid: ProviderState(
+                p,
+                asyncio.Semaphore(p.max_connections),
+                CircuitBreaker(
+                    settings.circuit_breaker_failure_threshold,
+                    settings.circuit_breaker_timeout_seconds,
+                    clock,
+                ),
+                probed=_serves_per_token(config, pid),
+            )
             for pid, p in config.providers.items()
         }
         self.backends: dict[str, tuple[Backend, ...]] = {
-            mid: tuple(Backend(m, b, self.providers[b.provider]) for b in m.backends)
+            mid: tuple(
+                Backend(m, b, self.providers[b.provider], i, Confidence(settings.smart_ai, now))
+                for i, b in enumerate(m.backends)
+            )
             for mid, m in config.models.items()
         }
         self.model_stats = {mid: Stats() for mid in config.models}
+        self.in_flight = 0
+        self.total_requests = 0
+
+    def all_backends(self) -> list[Backend]:
+        return [b for backends in self.backends.values() for b in backends]
 
     def candidates(self, model: ModelConfig, user: UserConfig) -> list[Backend]:
-        """Backends that may serve this user's request for ``model`` right now."""
+        """Backends the config lets serve this user's request for ``model``."""
         return [b for b in self.backends[model.id] if b.usable and b.serves_tags(user.tags)]
 
+    # ----------------------------------------------------------------------------------
+    # One attempt: begin, then one outcome (or none), then end
+    # ----------------------------------------------------------------------------------
+
+    def begin(self, backend: Backend) -> bool:
+        """Claim an attempt on ``backend``; False when its breaker refuses one now."""
+        return backend.provider.breaker.acquire()
+
+    def end(self, backend: Backend) -> None:
+        """The attempt is over; frees a half-open trial that recorded no outcome."""
+        backend.provider.breaker.release()
+
     def record_success(self, backend: Backend, latency: float) -> None:
-        now = self.wall_clock()
-        backend.stats.record_success(latency, now)
-        backend.provider.stats.record_success(latency, now)
+        now, wall = self.clock(), self.wall_clock()
+        provider = backend.provider
+        backend.stats.record_success(latency, wall)
+        provider.stats.record_success(latency, wall)
+        backend.confidence.record(None, now)
+        if backend.recovery_successes is not None:
+            backend.recovery_successes += 1
+            if backend.recovery_successes >= 5:
+                backend.recovery_successes = None
+        was = provider.breaker.state
+        provider.breaker.record_success()
+        if was is BreakerState.HALF_OPEN and provider.breaker.state is BreakerState.CLOSED:
+            self._closed(provider, "trial request succeeded")
 
     def record_failure(self, backend: Backend, failure: UpstreamFailure) -> None:
-        now = self.wall_clock()
-        backend.stats.record_failure(failure.message, now)
-        backend.provider.stats.record_failure(failure.message, now)
+        now, wall = self.clock(), self.wall_clock()
+        provider = backend.provider
+        backend.stats.record_failure(failure.message, wall)
+        provider.stats.record_failure(failure.message, wall)
+        backend.confidence.record(failure.kind, now)
+        if failure.kind is FailureKind.RATE_LIMIT and failure.retry_after:
+            provider.cooldown_until = max(provider.cooldown_until, now + failure.retry_after)
+        if failure.kind in BREAKER_FAILURES:
+            if backend.recovery_successes is not None:
+                backend.recovery_successes = 0
+            trips = provider.breaker.total_trips
+            provider.breaker.record_failure()
+            if provider.breaker.total_trips != trips:
+                self._opened(provider, failure.kind.value)
+
+    def record_probe(self, provider: ProviderState, error: str | None) -> None:
+        """A health probe's result (``error`` None: it answered)."""
+        provider.last_check = self.wall_clock()
+        provider.probe_ok = error is None
+        provider.probe_error = error
+        was = provider.breaker.state
+        trips = provider.breaker.total_trips
+        provider.breaker.record_probe(error is None)
+        if error is None and was is not BreakerState.CLOSED:
+            self._closed(provider, "recovery probe succeeded")
+        elif provider.breaker.total_trips != trips:
+            self._opened(provider, "probe_failed")
 
     def record_model_outcome(self, model_id: str, ok: bool, latency: float) -> None:
         stats = self.model_stats[model_id]
@@ -120,3 +255,31 @@ class BackendPool:
             stats.record_success(latency, now)
         else:
             stats.record_failure("request failed", now)
+
+    def _opened(self, provider: ProviderState, reason: str) -> None:
+        for backend in self.all_backends():
+            if backend.provider is provider:
+                backend.recovery_successes = 0
+        log.warning(
+            "circuit_open",
+            provider=provider.id,
+            reason=reason,
+            open_seconds=provider.breaker.open_seconds,
+        )
+
+    def _closed(self, provider: ProviderState, reason: str) -> None:
+        # The provider answers again: its backends' failure streaks are over.
+        for backend in self.all_backends():
+            if backend.provider is provider:
+                backend.stats.consecutive_failures = 0
+        provider.stats.consecutive_failures = 0
+        log.info("circuit_closed", provider=provider.id, reason=reason)
+
+
+def _serves_per_token(config: Config, provider_id: str) -> bool:
+    return any(
+        b.provider == provider_id and b.enabled and b.billing_mode == "per_token"
+        for m in config.models.values()
+        if m.enabled
+        for b in m.backends
+    )

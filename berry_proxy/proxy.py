@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -25,11 +25,11 @@ from aiohttp import web
 
 from . import keys
 from .auth import Access, access, resolve_model
-from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS, Config
+from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS, Config, ModelConfig
 from .context import RequestContext
 from .errors import (
     FailureKind,
-    ServiceUnavailable,
+    GatewayError,
     UpstreamFailure,
     error_for_failures,
     failure_for_status,
@@ -98,6 +98,15 @@ class Proxy:
         self.clock = clock
 
     async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+        pool = self.pool
+        pool.total_requests += 1
+        pool.in_flight += 1
+        try:
+            return await self._handle(request, endpoint)
+        finally:
+            pool.in_flight -= 1
+
+    async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         ctx = request[keys.REQUEST_CONTEXT]
         user = request[keys.USER]
         raw = await request.read()
@@ -106,16 +115,7 @@ class Proxy:
         ctx.model = model.id
         stream = endpoint.streams and body.get("stream") is True
         ctx.stream = stream
-
-        plan = self.router.plan(model, user)
-        if not plan:
-            total = len(self.pool.backends[model.id])
-            raise ServiceUnavailable(
-                "no_healthy_backends",
-                "No healthy backends available for the requested model",
-                details={"model": model.name, "total_backends": total, "healthy_backends": 0},
-                headers={"Retry-After": "1"},
-            )
+        plan = self.router.plan(model, user)  # 503 at once when no backend may be tried
 
         settings = self.config.settings
         deadline = ctx.started + settings.request_timeout_seconds
@@ -125,14 +125,17 @@ class Proxy:
         add_usage = stream and not wants_usage(body)
         bodies: dict[str, bytes] = {}  # backend model -> rewritten body, built once each
         failures: list[UpstreamFailure] = []
+        last_failure: dict[Backend, FailureKind] = {}
         per_provider: dict[str, int] = {}
-        for backend in plan:
+        for backend in attempt_order(plan, last_failure, settings.max_internal_retries):
             if len(failures) >= settings.max_retries or self.clock() >= deadline:
                 break
             provider = backend.provider.config
             tried = per_provider.get(provider.id, 0)
             if provider.max_retries is not None and tried >= provider.max_retries:
                 continue
+            if not self.pool.begin(backend):
+                continue  # its breaker opened meanwhile, or another request holds the trial
             per_provider[provider.id] = tried + 1
             ctx.attempts += 1
             backend_model = backend.config.model
@@ -155,15 +158,32 @@ class Proxy:
                 return await self._unary(ctx, endpoint, attempt)
             except UpstreamFailure as failure:
                 failures.append(failure)
+                last_failure[backend] = failure.kind
                 ctx.failures.append(f"{provider.id}: {failure.kind.value}")
                 if failure.kind is not FailureKind.SATURATED:
                     self.pool.record_failure(backend, failure)
+            finally:
+                self.pool.end(backend)
+        self.pool.record_model_outcome(model.id, ok=False, latency=0.0)
+        raise self._all_failed(model, plan, failures, deadline)
+
+    def _all_failed(
+        self,
+        model: ModelConfig,
+        plan: Sequence[Backend],
+        failures: list[UpstreamFailure],
+        deadline: float,
+    ) -> GatewayError:
+        """The client's error when no attempt succeeded."""
         if not failures:
+            if self.clock() < deadline:
+                # Every planned backend refused at the last moment (breakers tripped by
+                # concurrent requests): the same answer as when planning finds none.
+                return self.router.no_healthy_backends(model, plan)
             failures.append(
                 UpstreamFailure(FailureKind.TIMEOUT, "request deadline passed before an attempt")
             )
-        self.pool.record_model_outcome(model.id, ok=False, latency=0.0)
-        raise error_for_failures(failures)
+        return error_for_failures(failures)
 
     # ----------------------------------------------------------------------------------
     # Non-streaming
@@ -485,6 +505,27 @@ class Proxy:
             ctx.abort_reason = "client_disconnected"
             return StreamEnd.CLIENT_GONE
         return StreamEnd.BROKEN
+
+
+# Failures worth repeating on the same backend once every other has been tried: the next
+# try may well succeed. A 429 or a rejected key will not change on an immediate retry; a
+# timeout would spend the request's deadline waiting again.
+RETRY_SAME_BACKEND = frozenset({FailureKind.NETWORK, FailureKind.SERVER, FailureKind.PROTOCOL})
+
+
+def attempt_order(
+    plan: Sequence[Backend], last_failure: Mapping[Backend, FailureKind], rounds: int
+) -> Iterator[Backend]:
+    """Each planned backend once; then up to ``rounds`` more passes over those that failed
+    transiently (``max_internal_retries``). ``last_failure`` is filled in by the caller as
+    attempts fail, so each pass sees the latest outcomes.
+    """
+    yield from plan
+    for _ in range(rounds):
+        again = [b for b in plan if last_failure.get(b) in RETRY_SAME_BACKEND]
+        if not again:
+            return
+        yield from again
 
 
 def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:

@@ -1,74 +1,84 @@
-"""Routing: the order in which a request tries the backends of its model.
+"""Routing: which backends may serve one request, and in what order to try them.
 
-A strategy turns the eligible backends into an attempt order; the proxy walks that order
-until one attempt succeeds. ``effective_weight`` is the ONE formula for a backend's
-weight: the strategies draw with it and every endpoint that shows a weight shows it.
+``Router.plan`` filters a model's backends (config, tags, breaker), asks the model's
+strategy for an order using the one effective-weight formula (``weights.weigh``), then
+applies two rules every strategy shares:
+
+- a backend whose breaker is half-open goes first: its single trial request decides
+  whether it rejoins (nginx and Envoy likewise send live traffic as the trial);
+- a backend whose provider asked to be left alone (429 with ``Retry-After``) goes last,
+  tried only when nothing else is left.
+
+When the breakers of every backend the user may use are open, ``plan`` fails fast with
+503 ``no_healthy_backends`` and a ``Retry-After`` of the soonest reopening.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
-from typing import Protocol
 
+from .breaker import BreakerState
 from .config import ModelConfig, UserConfig
+from .errors import ServiceUnavailable
 from .pool import Backend, BackendPool
-
-
-def effective_weight(backend: Backend) -> float:
-    """The weight the router uses for ``backend`` at this moment."""
-    return backend.config.weight
-
-
-class Strategy(Protocol):
-    def order(self, backends: Sequence[Backend], rng: random.Random) -> list[Backend]:
-        """All of ``backends``, most preferred first."""
-        ...
-
-
-class WeightedRandom:
-    """Draw proportionally to effective weight, without replacement.
-
-    The first pick follows the weights exactly; the rest give failover an order that
-    still prefers heavier backends.
-    """
-
-    def order(self, backends: Sequence[Backend], rng: random.Random) -> list[Backend]:
-        remaining = list(backends)
-        weights = [effective_weight(b) for b in remaining]
-        ordered: list[Backend] = []
-        while remaining:
-            total = sum(weights)
-            point = rng.random() * total
-            index = len(remaining) - 1
-            for i, weight in enumerate(weights):
-                point -= weight
-                if point < 0:
-                    index = i
-                    break
-            ordered.append(remaining.pop(index))
-            weights.pop(index)
-        return ordered
-
-
-# Every configured strategy name is accepted by the config; until the dedicated
-# strategies land, each routes by weighted random draw.
-_STRATEGIES: dict[str, Strategy] = {}
-_DEFAULT_STRATEGY = WeightedRandom()
-
-
-def strategy_for(name: str) -> Strategy:
-    return _STRATEGIES.get(name, _DEFAULT_STRATEGY)
+from .strategies import Strategy, make_strategy
+from .weights import WeightBreakdown, best_latency, weigh
 
 
 class Router:
     def __init__(self, pool: BackendPool, rng: random.Random | None = None) -> None:
         self.pool = pool
         self.rng = rng or random.Random()  # noqa: S311  # load balancing, not cryptography
+        self.strategies: dict[str, Strategy] = {
+            mid: make_strategy(m.strategy) for mid, m in pool.config.models.items()
+        }
+
+    def breakdowns(self, model: ModelConfig, backends: Sequence[Backend]) -> list[WeightBreakdown]:
+        """The effective weight (with its factors) of each of ``backends`` of ``model``."""
+        pool = self.pool
+        best = best_latency(pool.backends[model.id])
+        now = pool.clock()
+        settings = pool.config.settings.smart_ai
+        return [weigh(b, settings, best, now) for b in backends]
 
     def plan(self, model: ModelConfig, user: UserConfig) -> list[Backend]:
         """The attempt order for one request: eligible backends, most preferred first."""
         candidates = self.pool.candidates(model, user)
-        if len(candidates) <= 1:
-            return candidates
-        return strategy_for(model.strategy).order(candidates, self.rng)
+        eligible = [b for b in candidates if b.provider.breaker.available()]
+        if not eligible:
+            raise self.no_healthy_backends(model, candidates)
+        if len(eligible) == 1:
+            return eligible
+        weights = [w.effective_weight for w in self.breakdowns(model, eligible)]
+        ordered = self.strategies[model.id].order(eligible, weights, self.rng)
+        now = self.pool.clock()
+        trials = [b for b in ordered if b.provider.breaker.state is BreakerState.HALF_OPEN]
+        cooling = [b for b in ordered if b.provider.cooldown_until > now and b not in trials]
+        if not trials and not cooling:
+            return ordered
+        rest = [b for b in ordered if b not in trials and b not in cooling]
+        return trials + rest + cooling
+
+    def no_healthy_backends(
+        self, model: ModelConfig, candidates: Sequence[Backend]
+    ) -> ServiceUnavailable:
+        """503 for ``model``, retry after the soonest of ``candidates``' breakers reopens."""
+        now = self.pool.clock()
+        waits = [
+            b.provider.breaker.reopens_at - now
+            for b in candidates
+            if b.provider.breaker.state is BreakerState.OPEN
+        ]
+        retry_after = max(1, math.ceil(min(waits))) if waits else 1
+        return ServiceUnavailable(
+            "no_healthy_backends",
+            "No healthy backends available for the requested model",
+            details={
+                "model": model.name,
+                "total_backends": len(self.pool.backends[model.id]),
+                "healthy_backends": 0,
+            },
+            headers={"Retry-After": str(retry_after)},
+        )

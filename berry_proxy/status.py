@@ -16,7 +16,7 @@ from . import __version__, keys
 from .auth import Access, access, visible_models
 from .config import ModelConfig
 from .errors import NotFound
-from .pool import Backend, BackendPool
+from .pool import BackendPool
 
 # OpenAI's model objects carry a creation time; the gateway's models have none, so every
 # model reports this fixed one (the original's), which keeps responses stable.
@@ -27,30 +27,29 @@ def iso_timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def iso_or_none(seconds: float | None) -> str | None:
+    return None if seconds is None else iso_timestamp(seconds)
+
+
 def json_response(payload: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
 
-def backend_healthy(backend: Backend) -> bool:
-    return backend.usable
-
-
 def _provider_health(pool: BackendPool) -> dict[str, Any]:
-    providers: dict[str, Any] = {}
-    for pid, state in pool.providers.items():
-        healthy = state.config.enabled
-        providers[pid] = {
-            "healthy": healthy,
-            "last_check": None,
-            "error": None if healthy else "provider disabled",
-            "circuit_breaker_state": "closed",
+    return {
+        pid: {
+            "healthy": state.healthy,
+            "last_check": iso_or_none(state.last_check),
+            "error": state.error,
+            "circuit_breaker_state": state.breaker.state.value,
         }
-    return providers
+        for pid, state in pool.providers.items()
+    }
 
 
 def _model_health(pool: BackendPool, model: ModelConfig) -> dict[str, Any]:
     backends = pool.backends[model.id]
-    healthy = sum(1 for b in backends if backend_healthy(b))
+    healthy = sum(1 for b in backends if b.healthy)
     return {"available": healthy > 0, "healthy_backends": healthy, "total_backends": len(backends)}
 
 
@@ -132,7 +131,7 @@ async def models_overview(request: web.Request) -> web.Response:
                         "weight": b.config.weight,
                         "priority": b.config.priority,
                         "enabled": b.config.enabled,
-                        "healthy": backend_healthy(b),
+                        "healthy": b.healthy,
                     }
                     for b in pool.backends[model.id]
                 ],

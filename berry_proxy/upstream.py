@@ -146,6 +146,14 @@ class Adapter(abc.ABC):
     ) -> UpstreamResponse:
         """POST ``body`` to ``endpoint`` (e.g. ``chat/completions``); return at headers."""
 
+    @abc.abstractmethod
+    async def probe(self) -> int:
+        """The HTTP status of the provider's free model list (``GET .../models``).
+
+        Raises the transport's exception when the provider cannot be reached; the caller
+        bounds the time.
+        """
+
 
 class HttpAdapter(Adapter):
     """Common ground of the HTTP providers: one shared session, per-provider timeouts."""
@@ -188,6 +196,20 @@ class HttpAdapter(Adapter):
         )
         return HttpUpstreamResponse(response)
 
+    @abc.abstractmethod
+    def models_url(self) -> str:
+        """The provider's model list: a free call, used as the health probe."""
+
+    async def probe(self) -> int:
+        async with self._session.get(
+            self.models_url(),
+            headers=self._auth_headers,
+            timeout=self._timeout,
+            allow_redirects=False,
+        ) as response:
+            await response.read()
+            return response.status
+
 
 class OpenAIAdapter(HttpAdapter):
     """Any OpenAI-compatible server: OpenAI, vLLM, Ollama, LM Studio, SGLang..."""
@@ -206,6 +228,9 @@ class OpenAIAdapter(HttpAdapter):
             url = self._urls[endpoint] = f"{self.provider.base_url}/{endpoint}"
         return url
 
+    def models_url(self) -> str:
+        return f"{self.provider.base_url}/models"
+
 
 class AzureAdapter(HttpAdapter):
     """Azure OpenAI: the backend model is the deployment name."""
@@ -214,10 +239,15 @@ class AzureAdapter(HttpAdapter):
         key = self.provider.api_key
         return {"api-key": key} if key else {}
 
-    def url(self, endpoint: str, backend_model: str) -> str:
+    def _base(self) -> str:
         base = self.provider.base_url
-        if not base.endswith("/openai"):
-            base += "/openai"
+        return base if base.endswith("/openai") else base + "/openai"
+
+    def url(self, endpoint: str, backend_model: str) -> str:
         return (
-            f"{base}/deployments/{backend_model}/{endpoint}?api-version={self.provider.api_version}"
+            f"{self._base()}/deployments/{backend_model}/{endpoint}"
+            f"?api-version={self.provider.api_version}"
         )
+
+    def models_url(self) -> str:
+        return f"{self._base()}/models?api-version={self.provider.api_version}"

@@ -84,6 +84,16 @@ def chat_completion(model: str) -> dict[str, Any]:
     }
 
 
+class FakeClock:
+    """A clock tests move by hand (``clock.now += 5``); pass it where a clock is injected."""
+
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Recorded:
     path: str
@@ -252,9 +262,15 @@ GatewayFactory = Callable[..., Awaitable[TestServer]]
 
 @pytest.fixture
 def start_gateway(aiohttp_server: ServerFactory) -> GatewayFactory:
-    async def start(raw: dict[str, Any] | Config) -> TestServer:
+    async def start(raw: dict[str, Any] | Config, **options: Any) -> TestServer:
+        """Serve ``raw`` (a config dict or Config); ``options`` go to ``create_app``.
+
+        The background health prober is off unless ``health_checks=True``: tests that
+        need probes call ``app[keys.PROBER].probe_once()`` at the moment they choose.
+        """
         config = raw if isinstance(raw, Config) else build_config(raw, env={})
-        return await aiohttp_server(create_app(config))
+        options.setdefault("health_checks", False)
+        return await aiohttp_server(create_app(config, **options))
 
     return start
 

@@ -182,10 +182,12 @@ async def test_upstream_server_error_raises_internal_server_error(
     assert caught.value.status_code == 502
     assert caught.value.code == "upstream_error"
     assert isinstance(caught.value.body, dict)
+    # The only backend is retried (max_internal_retries) up to max_retries attempts.
     assert caught.value.body["details"] == {
-        "attempts": 1,
+        "attempts": 3,
         "last_error": "upstream returned HTTP 503",
     }
+    assert len(upstream.requests) == 3
 
 
 async def test_upstream_rate_limit_raises_rate_limit_error(

@@ -1,9 +1,11 @@
-"""Routing (``routing.py`` and ``pool.py``): which backends a request may try, in what order.
+"""Routing (``strategies.py``, ``routing.py``): which backends a request may try, in what order.
 
-Weighted random draws must follow the configured weights (checked statistically with a
-seeded RNG, so the test is deterministic), every eligible backend must appear exactly once
-in the attempt order, and disabled backends/providers and other users' tagged backends must
-never be tried.
+Each strategy is checked on its own: draws follow the weights within statistical
+tolerance (seeded RNG, so deterministic), round robin in its exact order, failover by
+tiers, least latency by power of two choices. The router's shared rules follow: disabled
+backends/providers, other users' tagged backends and open breakers are never tried; a
+half-open backend gets its trial first; a provider cooling down after a 429 goes last; no
+eligible backend at all is a 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -11,13 +13,28 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from berry_proxy.config import Config, build_config
+from berry_proxy.breaker import BreakerState
+from berry_proxy.config import STRATEGIES, Config, build_config
+from berry_proxy.errors import FailureKind, ServiceUnavailable, UpstreamFailure
 from berry_proxy.pool import Backend, BackendPool
-from berry_proxy.routing import Router, WeightedRandom, effective_weight
+from berry_proxy.routing import Router
+from berry_proxy.strategies import (
+    Failover,
+    LeastLatency,
+    SmoothRoundRobin,
+    Strategy,
+    UniformRandom,
+    WeightedFailover,
+    WeightedRandom,
+    make_strategy,
+)
+
+from .conftest import FakeClock
 
 DRAWS = 20_000
 
@@ -77,8 +94,13 @@ def config() -> Config:
 
 
 @pytest.fixture
-def pool(config: Config) -> BackendPool:
-    return BackendPool(config)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def pool(config: Config, clock: FakeClock) -> BackendPool:
+    return BackendPool(config, clock, lambda: 1_700_000_000.0)
 
 
 def names(backends: list[Backend]) -> list[str]:
@@ -90,33 +112,62 @@ def within(count: int, total: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(count - expected) <= sigmas * math.sqrt(total * p * (1 - p))
 
 
+def weights(backends: Sequence[Backend]) -> list[float]:
+    return [b.config.weight for b in backends]
+
+
+def first_picks(
+    strategy: Strategy, backends: Sequence[Backend], seed: int, draws: int = DRAWS
+) -> Counter[str]:
+    rng = random.Random(seed)
+    w = weights(backends)
+    return Counter(strategy.order(backends, w, rng)[0].provider.id for _ in range(draws))
+
+
+def fail(pool: BackendPool, backend: Backend, kind: FailureKind = FailureKind.SERVER) -> None:
+    pool.record_failure(backend, UpstreamFailure(kind, "boom"))
+
+
+def open_breaker(pool: BackendPool, backend: Backend) -> None:
+    for _ in range(pool.config.settings.circuit_breaker_failure_threshold):
+        fail(pool, backend)
+    assert backend.provider.breaker.state is BreakerState.OPEN
+
+
 # --------------------------------------------------------------------------------------
-# WeightedRandom
+# Every strategy
 # --------------------------------------------------------------------------------------
 
 
-def test_effective_weight_is_the_configured_weight(pool: BackendPool) -> None:
-    assert [effective_weight(b) for b in pool.backends["weighted"]] == [1.0, 3.0, 6.0]
-
-
-def test_first_pick_is_proportional_to_weight(pool: BackendPool) -> None:
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_orders_a_permutation(pool: BackendPool, name: str) -> None:
     backends = pool.backends["weighted"]
-    rng = random.Random(20240611)
-    strategy = WeightedRandom()
-    firsts = Counter(strategy.order(backends, rng)[0].provider.id for _ in range(DRAWS))
-    assert set(firsts) == {"light", "medium", "heavy"}
+    strategy = make_strategy(name)
+    rng = random.Random(3)
+    for _ in range(200):
+        order = strategy.order(backends, weights(backends), rng)
+        assert sorted(b.index for b in order) == [0, 1, 2]
+    assert strategy.order([], [], rng) == []
+
+
+# --------------------------------------------------------------------------------------
+# weighted_random, random
+# --------------------------------------------------------------------------------------
+
+
+def test_weighted_random_first_pick_is_proportional_to_weight(pool: BackendPool) -> None:
+    firsts = first_picks(WeightedRandom(), pool.backends["weighted"], 20240611)
     for provider, p in (("light", 0.1), ("medium", 0.3), ("heavy", 0.6)):
         assert within(firsts[provider], DRAWS, p), (provider, firsts)
 
 
-def test_failover_order_still_prefers_heavier_backends(pool: BackendPool) -> None:
+def test_weighted_random_failover_order_still_prefers_heavier(pool: BackendPool) -> None:
     # After the heaviest is drawn first, the second pick follows the remaining weights 1:3.
     backends = pool.backends["weighted"]
     rng = random.Random(7)
-    strategy = WeightedRandom()
     seconds: Counter[str] = Counter()
     for _ in range(DRAWS):
-        order = strategy.order(backends, rng)
+        order = WeightedRandom().order(backends, weights(backends), rng)
         if order[0].provider.id == "heavy":
             seconds[order[1].provider.id] += 1
     total = sum(seconds.values())
@@ -124,51 +175,179 @@ def test_failover_order_still_prefers_heavier_backends(pool: BackendPool) -> Non
     assert within(seconds["medium"], total, 0.75), seconds
 
 
-def test_order_is_a_permutation_of_all_candidates(pool: BackendPool) -> None:
-    backends = pool.backends["weighted"]
-    rng = random.Random(3)
-    strategy = WeightedRandom()
-    seen_orders = set()
-    for _ in range(500):
-        order = strategy.order(backends, rng)
-        assert len(order) == len(backends)
-        assert {id(b) for b in order} == {id(b) for b in backends}
-        seen_orders.add(tuple(b.provider.id for b in order))
-    assert len(seen_orders) == 6  # every one of the 3! orders occurs
-
-
-def test_a_tiny_weight_is_almost_never_first() -> None:
-    raw = raw_config()
-    raw["models"]["weighted"]["backends"][0]["weight"] = 1e6
-    raw["models"]["weighted"]["backends"][1]["weight"] = 1e-6
-    raw["models"]["weighted"]["backends"][2]["weight"] = 1e-6
-    backends = BackendPool(build_config(raw, env={})).backends["weighted"]
-    rng = random.Random(11)
-    strategy = WeightedRandom()
-    firsts = Counter(strategy.order(backends, rng)[0].provider.id for _ in range(2000))
-    assert firsts == {"light": 2000}
-
-
-def test_same_seed_same_orders(pool: BackendPool) -> None:
+def test_weighted_random_same_seed_same_orders(pool: BackendPool) -> None:
     backends = pool.backends["weighted"]
 
     def orders(seed: int) -> list[list[str]]:
         rng = random.Random(seed)
-        return [names(WeightedRandom().order(backends, rng)) for _ in range(50)]
+        return [names(WeightedRandom().order(backends, weights(backends), rng)) for _ in range(50)]
 
     assert orders(5) == orders(5)
     assert orders(5) != orders(6)
 
 
-def test_empty_and_single_candidate_lists(pool: BackendPool) -> None:
-    rng = random.Random(0)
-    assert WeightedRandom().order([], rng) == []
-    only = pool.backends["single"]
-    assert WeightedRandom().order(only, rng) == list(only)
+def test_random_ignores_weights(pool: BackendPool) -> None:
+    firsts = first_picks(UniformRandom(), pool.backends["weighted"], 99)
+    for provider in ("light", "medium", "heavy"):
+        assert within(firsts[provider], DRAWS, 1 / 3), firsts
 
 
 # --------------------------------------------------------------------------------------
-# Router.plan: eligibility
+# round_robin
+# --------------------------------------------------------------------------------------
+
+
+def test_round_robin_is_nginx_smooth_weighted_order(pool: BackendPool) -> None:
+    backends = pool.backends["weighted"][:3]
+    strategy = SmoothRoundRobin()
+    rng = random.Random(0)
+    picks = [strategy.order(backends, [5.0, 1.0, 1.0], rng)[0].provider.id for _ in range(14)]
+    cycle = ["light", "light", "medium", "light", "heavy", "light", "light"]
+    assert picks == cycle + cycle
+
+
+def test_round_robin_equal_weights_take_turns(pool: BackendPool) -> None:
+    backends = pool.backends["weighted"]
+    strategy = SmoothRoundRobin()
+    rng = random.Random(0)
+    picks = [strategy.order(backends, [1.0, 1.0, 1.0], rng)[0].provider.id for _ in range(6)]
+    assert picks == ["light", "medium", "heavy"] * 2
+
+
+def test_round_robin_failover_order_follows_the_next_turns(pool: BackendPool) -> None:
+    backends = pool.backends["weighted"]
+    order = SmoothRoundRobin().order(backends, [5.0, 3.0, 1.0], random.Random(0))
+    assert names(order) == ["light", "medium", "heavy"]
+
+
+# --------------------------------------------------------------------------------------
+# least_latency
+# --------------------------------------------------------------------------------------
+
+
+def test_least_latency_tries_unmeasured_backends_first(pool: BackendPool) -> None:
+    light, medium, heavy = pool.backends["weighted"]
+    pool.record_success(light, 0.010)
+    pool.record_success(medium, 0.500)
+    rng = random.Random(1)
+    for _ in range(50):
+        order = LeastLatency().order([light, medium, heavy], [1.0] * 3, rng)
+        assert order[0] is heavy
+        assert order[1:] == [light, medium]
+
+
+def test_least_latency_power_of_two_choices(pool: BackendPool) -> None:
+    light, medium, heavy = pool.backends["weighted"]
+    for backend, latency in ((light, 0.1), (medium, 0.2), (heavy, 0.9)):
+        pool.record_success(backend, latency)
+    firsts = first_picks(LeastLatency(), [light, medium, heavy], 5)
+    # Two of three drawn at random, the faster leads: light wins 2 of the 3 pairs,
+    # medium 1 of 3, the slowest never leads.
+    assert within(firsts["light"], DRAWS, 2 / 3), firsts
+    assert within(firsts["medium"], DRAWS, 1 / 3), firsts
+    assert firsts["heavy"] == 0
+
+
+def test_least_latency_follows_the_moving_average(pool: BackendPool) -> None:
+    light, medium, _ = pool.backends["weighted"]
+    pool.record_success(light, 0.1)
+    pool.record_success(medium, 0.2)
+    for _ in range(10):
+        pool.record_success(light, 1.0)  # light got slow
+    order = LeastLatency().order([light, medium], [1.0, 1.0], random.Random(0))
+    assert order == [medium, light]
+
+
+# --------------------------------------------------------------------------------------
+# failover, weighted_failover
+# --------------------------------------------------------------------------------------
+
+
+def tiered_config() -> Config:
+    raw = raw_config()
+    raw["models"]["tiered"] = {
+        "strategy": "failover",
+        "backends": [
+            {"provider": "light", "model": "backup", "priority": 1},
+            {"provider": "medium", "model": "primary-a", "priority": 0, "weight": 3},
+            {"provider": "heavy", "model": "primary-b", "priority": 0, "weight": 1},
+            {"provider": "eu", "model": "last", "priority": 2},
+        ],
+    }
+    return build_config(raw, env={})
+
+
+def test_failover_tries_tiers_in_priority_order() -> None:
+    pool = BackendPool(tiered_config())
+    backends = pool.backends["tiered"]
+    rng = random.Random(8)
+    firsts: Counter[str] = Counter()
+    for _ in range(4000):
+        order = [b.config.model for b in Failover().order(backends, weights(backends), rng)]
+        assert set(order[:2]) == {"primary-a", "primary-b"}
+        assert order[2:] == ["backup", "last"]
+        firsts[order[0]] += 1
+    # Within a tier: weighted random (3:1).
+    assert within(firsts["primary-a"], 4000, 0.75), firsts
+
+
+def test_failover_moves_an_unhealthy_tier_behind_the_healthy_ones() -> None:
+    pool = BackendPool(tiered_config())
+    backends = pool.backends["tiered"]
+    for provider in ("medium", "heavy"):
+        pool.record_probe(pool.providers[provider], "health check answered HTTP 503")
+    order = Failover().order(backends, weights(backends), random.Random(0))
+    models = [b.config.model for b in order]
+    assert models[:2] == ["backup", "last"]
+    assert set(models[2:]) == {"primary-a", "primary-b"}, "last resort, still tried"
+
+
+def test_weighted_failover_prefers_healthy_then_all(pool: BackendPool) -> None:
+    light, medium, heavy = pool.backends["weighted"]
+    pool.record_probe(heavy.provider, "health check timed out")
+    rng = random.Random(4)
+    firsts: Counter[str] = Counter()
+    for _ in range(DRAWS):
+        order = WeightedFailover().order([light, medium, heavy], [1.0, 3.0, 6.0], rng)
+        assert order[-1] is heavy
+        firsts[order[0].provider.id] += 1
+    assert within(firsts["medium"], DRAWS, 0.75), firsts
+
+
+def test_smart_weighted_failover_stages_a_recovering_backend(
+    config: Config, clock: FakeClock
+) -> None:
+    raw = raw_config()
+    raw["models"]["weighted"]["strategy"] = "smart_weighted_failover"
+    raw["settings"] = {"circuit_breaker_failure_threshold": 2}
+    cfg = build_config(raw, env={})
+    pool = BackendPool(cfg, clock)
+    router = Router(pool, random.Random(0))
+    model = cfg.models["weighted"]
+    light, medium, heavy = pool.backends["weighted"]
+
+    def effective(backend: Backend) -> float:
+        return router.breakdowns(model, [backend])[0].effective_weight
+
+    assert effective(heavy) == 6.0
+    fail(pool, heavy)
+    fail(pool, heavy)
+    assert effective(heavy) == 0.0, "open: not eligible"
+    clock.now += cfg.settings.circuit_breaker_timeout_seconds
+    stages = []
+    for _ in range(6):
+        stages.append(effective(heavy) / 6.0)
+        pool.begin(heavy)
+        pool.record_success(heavy, 0.1)
+        pool.end(heavy)
+    # Half-open trial at 10%; then 1-2 successes 30%, 3-4 50%, 5 fully back.
+    assert stages == pytest.approx([0.1, 0.3, 0.3, 0.5, 0.5, 1.0])
+    assert effective(light) == 1.0
+    assert effective(medium) == 3.0
+
+
+# --------------------------------------------------------------------------------------
+# Router.plan: eligibility and the shared rules
 # --------------------------------------------------------------------------------------
 
 
@@ -189,10 +368,13 @@ def plan(config: Config, pool: BackendPool, model: str, user: str, seed: int = 1
         ("other", {"plain"}),
     ],
 )
-def test_plan_filters_disabled_and_other_tags(
-    config: Config, pool: BackendPool, user: str, expected: set[str]
-) -> None:
-    for seed in range(20):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plan_filters_disabled_and_other_tags(user: str, expected: set[str], strategy: str) -> None:
+    raw = raw_config()
+    raw["models"]["filtered"]["strategy"] = strategy
+    config = build_config(raw, env={})
+    pool = BackendPool(config)
+    for seed in range(10):
         planned = names(plan(config, pool, "filtered", user, seed))
         assert len(planned) == len(set(planned))
         assert set(planned) == expected
@@ -205,11 +387,79 @@ def test_plan_with_one_candidate(config: Config, pool: BackendPool) -> None:
     assert names(plan(config, pool, "single", "untagged")) == ["light"]
 
 
-def test_plan_with_no_usable_backend_is_empty(config: Config, pool: BackendPool) -> None:
-    assert plan(config, pool, "nothing-usable", "untagged") == []
+def test_plan_with_no_usable_backend_is_a_503(config: Config, pool: BackendPool) -> None:
+    with pytest.raises(ServiceUnavailable) as caught:
+        plan(config, pool, "nothing-usable", "untagged")
+    assert caught.value.code == "no_healthy_backends"
+    assert caught.value.details == {
+        "model": "nothing-usable",
+        "total_backends": 2,
+        "healthy_backends": 0,
+    }
 
 
-def test_plan_first_pick_follows_weights(config: Config, pool: BackendPool) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_plan_never_includes_an_open_breaker(strategy: str, clock: FakeClock) -> None:
+    raw = raw_config()
+    raw["models"]["weighted"]["strategy"] = strategy
+    config = build_config(raw, env={})
+    pool = BackendPool(config, clock)
+    heavy = pool.backends["weighted"][2]
+    open_breaker(pool, heavy)
+    for seed in range(30):
+        assert "heavy" not in names(plan(config, pool, "weighted", "untagged", seed))
+
+
+def test_every_breaker_open_is_a_503_with_retry_after(
+    config: Config, pool: BackendPool, clock: FakeClock
+) -> None:
+    for backend in pool.backends["weighted"]:
+        open_breaker(pool, backend)
+        clock.now += 7  # the later ones reopen later
+    with pytest.raises(ServiceUnavailable) as caught:
+        plan(config, pool, "weighted", "untagged")
+    assert caught.value.code == "no_healthy_backends"
+    assert caught.value.details == {"model": "weighted", "total_backends": 3, "healthy_backends": 0}
+    # The first breaker opened 21 s ago and reopens after 60 s: retry in 39 s.
+    timeout = config.settings.circuit_breaker_timeout_seconds
+    assert caught.value.headers["Retry-After"] == str(int(timeout - 21))
+
+
+def test_a_half_open_backend_gets_its_trial_first(
+    config: Config, pool: BackendPool, clock: FakeClock
+) -> None:
+    light = pool.backends["weighted"][0]
+    open_breaker(pool, light)
+    clock.now += config.settings.circuit_breaker_timeout_seconds
+    for seed in range(20):
+        assert plan(config, pool, "weighted", "untagged", seed)[0] is light
+    # Once a request holds the trial, others do not wait for it: light is left out.
+    assert pool.begin(light)
+    for seed in range(20):
+        assert light not in plan(config, pool, "weighted", "untagged", seed)
+    pool.record_success(light, 0.2)
+    pool.end(light)
+    assert light.provider.breaker.state is BreakerState.CLOSED
+
+
+def test_a_provider_cooling_down_after_429_goes_last(
+    config: Config, pool: BackendPool, clock: FakeClock
+) -> None:
+    heavy = pool.backends["weighted"][2]
+    pool.record_failure(
+        heavy, UpstreamFailure(FailureKind.RATE_LIMIT, "429", status=429, retry_after=30)
+    )
+    for seed in range(30):
+        assert plan(config, pool, "weighted", "untagged", seed)[-1] is heavy
+    assert heavy.provider.breaker.state is BreakerState.CLOSED, "a 429 is not a breakdown"
+    clock.now += 30
+    firsts = Counter(
+        plan(config, pool, "weighted", "untagged", s)[0].provider.id for s in range(300)
+    )
+    assert firsts["heavy"] > 100, "after Retry-After it is back in the draw"
+
+
+def test_first_pick_through_the_router_follows_weights(config: Config, pool: BackendPool) -> None:
     router = Router(pool, random.Random(99))
     model, user = config.models["weighted"], config.users["untagged"]
     firsts = Counter(router.plan(model, user)[0].provider.id for _ in range(DRAWS))

@@ -1,0 +1,124 @@
+"""The health prober: a free ``GET {base_url}/models`` per provider, on a jittered timer.
+
+Probed: every enabled provider serving at least one enabled ``per_token`` backend of an
+enabled model. A provider with only ``per_request`` backends is never probed (every call
+to it is billed); it is judged by its traffic alone. Each probe is bounded by
+``health_check_timeout_seconds``; its result feeds the provider's breaker (a success closes
+an open one, a failure counts like a failed request) and what ``/health`` shows.
+
+Schedule: one round at start-up, then each provider again after
+``health_check_interval_seconds``, or ``recovery_check_interval_seconds`` while its breaker
+is open, each ± ``JITTER`` so that providers (and gateway instances) do not probe in step.
+``probe_once()`` runs one round now; tests call it directly.
+
+A probe counts as answered when the server replies below 400, or 404/405 (an
+OpenAI-compatible server without a model list is still up); 401/403 (a rejected key),
+429, 5xx, timeouts and connection errors are failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from .breaker import BreakerState
+from .config import Settings
+from .errors import map_upstream_exception
+from .log import get_logger
+from .pool import BackendPool, ProviderState
+from .upstream import Adapter
+
+Sleep = Callable[[float], Awaitable[None]]
+
+log = get_logger("berry_proxy.health")
+
+# Each interval is stretched or shrunk by up to this fraction, at random.
+JITTER = 0.1
+# Never spin: the loop sleeps at least this long between rounds.
+MIN_SLEEP_SECONDS = 0.05
+ANSWERED = frozenset({404, 405})
+
+
+class HealthProber:
+    def __init__(
+        self,
+        pool: BackendPool,
+        adapters: Mapping[str, Adapter],
+        settings: Settings,
+        rng: random.Random | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.pool = pool
+        self.adapters = adapters
+        self.settings = settings
+        self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self.sleep = sleep
+        self.next_due: dict[str, float] = {}  # provider id -> monotonic time
+
+    def probed_providers(self) -> list[ProviderState]:
+        return [p for p in self.pool.providers.values() if p.config.enabled and p.probed]
+
+    async def probe_once(
+        self, providers: Sequence[ProviderState] | None = None
+    ) -> dict[str, str | None]:
+        """Probe ``providers`` (default: all probed ones) now, concurrently.
+
+        Returns each provider's error, None for a healthy answer, and schedules its next
+        probe.
+        """
+        targets = list(self.probed_providers() if providers is None else providers)
+        errors = await asyncio.gather(*(self._probe(p) for p in targets))
+        now = self.pool.clock()
+        for provider, error in zip(targets, errors, strict=True):
+            was_healthy = provider.healthy
+            self.pool.record_probe(provider, error)
+            if provider.healthy != was_healthy:
+                log.info(
+                    "provider_health_changed",
+                    provider=provider.id,
+                    healthy=provider.healthy,
+                    error=error,
+                )
+            self.next_due[provider.id] = now + self.interval(provider)
+        return {p.id: e for p, e in zip(targets, errors, strict=True)}
+
+    def interval(self, provider: ProviderState) -> float:
+        """Seconds until ``provider``'s next probe, jittered."""
+        settings = self.settings
+        base = (
+            settings.recovery_check_interval_seconds
+            if provider.breaker.state is BreakerState.OPEN
+            else settings.health_check_interval_seconds
+        )
+        return base * (1 + self.rng.uniform(-JITTER, JITTER))
+
+    async def run(self) -> None:
+        """Probe forever: due providers each round, sleeping until the next is due."""
+        providers = self.probed_providers()
+        if not providers:
+            return
+        clock = self.pool.clock
+        await self.probe_once(providers)
+        while True:
+            wake = min(self.next_due.values())
+            await self.sleep(max(MIN_SLEEP_SECONDS, wake - clock()))
+            now = clock()
+            due = [p for p in providers if self.next_due[p.id] <= now]
+            if due:
+                await self.probe_once(due)
+
+    async def _probe(self, provider: ProviderState) -> str | None:
+        try:
+            async with asyncio.timeout(self.settings.health_check_timeout_seconds):
+                status = await self.adapters[provider.id].probe()
+        except Exception as exc:
+            failure = map_upstream_exception(exc, "health check")
+            if failure is None:
+                # Not a transport failure: a bug of ours. Keep probing the others.
+                log.exception("health_check_error", provider=provider.id)
+                return "health check failed"
+            return failure.message
+        if status < 400 or status in ANSWERED:
+            return None
+        return f"health check answered HTTP {status}"

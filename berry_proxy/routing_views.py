@@ -1,0 +1,167 @@
+"""Views of routing state: ``/admin/*`` (admin token) and ``/smart-ai/*`` (status access).
+
+Every weight here comes from ``Router.breakdowns`` (the one formula the router draws
+with), every health and breaker state from the same pool objects routing reads. Providers
+appear by config id only: no API key, no upstream URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__, keys
+from .auth import Access, access
+from .config import ModelConfig
+from .errors import NotFound
+from .pool import Backend, Stats
+from .routing import Router
+from .status import iso_or_none, iso_timestamp, json_response
+
+
+def _weights(router: Router, model: ModelConfig) -> list[tuple[Backend, dict[str, Any]]]:
+    backends = router.pool.backends[model.id]
+    return [
+        (b, asdict(w)) for b, w in zip(backends, router.breakdowns(model, backends), strict=True)
+    ]
+
+
+@access(Access.ADMIN)
+async def model_weights(request: web.Request) -> web.Response:
+    router = request.app[keys.ROUTER]
+    models: dict[str, Any] = {}
+    for model in request.app[keys.CONFIG].models.values():
+        models[model.name] = {
+            "strategy": model.strategy,
+            "enabled": model.enabled,
+            "backends": [
+                {
+                    "provider": b.provider.id,
+                    "model": b.config.model,
+                    "weight": b.config.weight,
+                    "effective_weight": w["effective_weight"],
+                    "priority": b.config.priority,
+                    "enabled": b.usable,
+                    "healthy": b.healthy,
+                    "circuit_breaker_state": b.provider.breaker.state.value,
+                    "tags": list(b.config.tags),
+                    "billing_mode": b.config.billing_mode,
+                }
+                for b, w in _weights(router, model)
+            ],
+        }
+    return json_response({"models": models, "timestamp": _now(request)})
+
+
+@access(Access.ADMIN)
+async def backend_health(request: web.Request) -> web.Response:
+    pool = request.app[keys.POOL]
+    backends = [
+        {
+            "provider": b.provider.id,
+            "model": b.config.model,
+            "public_model": b.model.name,
+            "healthy": b.healthy,
+            "circuit_breaker_state": b.provider.breaker.state.value,
+            "consecutive_failures": b.stats.consecutive_failures,
+            "total_requests": b.stats.total_requests,
+            "failed_requests": b.stats.failed_requests,
+            "last_check": iso_or_none(b.provider.last_check),
+            "last_error": b.stats.last_error or b.provider.probe_error,
+            "last_success": iso_or_none(b.stats.last_success),
+            "last_failure": iso_or_none(b.stats.last_failure),
+        }
+        for b in pool.all_backends()
+    ]
+    return json_response({"backends": backends, "timestamp": _now(request)})
+
+
+def stats_view(stats: Stats) -> dict[str, Any]:
+    return {
+        "total_requests": stats.total_requests,
+        "successful_requests": stats.successful_requests,
+        "failed_requests": stats.failed_requests,
+        "success_rate": stats.success_rate,
+        "average_latency_ms": stats.average_latency_ms,
+    }
+
+
+@access(Access.ADMIN)
+async def system_stats(request: web.Request) -> web.Response:
+    app = request.app
+    pool = app[keys.POOL]
+    config = app[keys.CONFIG]
+    now = pool.wall_clock()
+    payload = {
+        "version": __version__,
+        "uptime_seconds": max(0.0, now - app[keys.STARTED_AT]),
+        "config_generation": 1,
+        "in_flight": pool.in_flight,
+        "total_requests": pool.total_requests,
+        "models": {m.name: stats_view(pool.model_stats[m.id]) for m in config.models.values()},
+        "timestamp": iso_timestamp(now),
+    }
+    return json_response(payload)
+
+
+def _smart_ai_backends(router: Router, model: ModelConfig) -> list[dict[str, Any]]:
+    return [
+        {
+            "provider": b.provider.id,
+            "model": b.config.model,
+            "weight": w["weight"],
+            "confidence": w["confidence"],
+            "health_factor": w["health_factor"],
+            "latency_factor": w["latency_factor"],
+            "error_factor": w["error_factor"],
+            "stability_bonus": w["stability_bonus"],
+            "effective_weight": w["effective_weight"],
+            "healthy": b.healthy,
+            "circuit_breaker_state": b.provider.breaker.state.value,
+            "latency_ewma_ms": (
+                None if b.stats.latency_ewma is None else b.stats.latency_ewma * 1000
+            ),
+        }
+        for b, w in _weights(router, model)
+    ]
+
+
+@access(Access.STATUS)
+async def smart_ai_weights(request: web.Request) -> web.Response:
+    router = request.app[keys.ROUTER]
+    config = request.app[keys.CONFIG]
+    models = {
+        m.name: {"backends": _smart_ai_backends(router, m)}
+        for m in config.models.values()
+        if m.strategy == "smart_ai"
+    }
+    payload = {
+        "models": models,
+        "settings": asdict(config.settings.smart_ai),
+        "timestamp": _now(request),
+    }
+    return json_response(payload)
+
+
+@access(Access.STATUS)
+async def smart_ai_model_weights(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    config = request.app[keys.CONFIG]
+    model = config.find_model(name)
+    if model is None:
+        raise NotFound(
+            "model_not_found", f"The model '{name}' does not exist", details={"model": name}
+        )
+    payload = {
+        "model": model.name,
+        "strategy": model.strategy,
+        "backends": _smart_ai_backends(request.app[keys.ROUTER], model),
+        "timestamp": _now(request),
+    }
+    return json_response(payload)
+
+
+def _now(request: web.Request) -> str:
+    return iso_timestamp(request.app[keys.POOL].wall_clock())
