@@ -115,7 +115,11 @@ def shape_error(exc: Exception, request: web.Request, ctx: RequestContext) -> we
             details={"request_id": ctx.request_id},
         )
     ctx.error_code = error.code
-    return error_response(error)
+    response = error_response(error)
+    if ctx.attempts:
+        # A failed chat request says how many upstream attempts it made, as a served one.
+        response.headers["X-Berry-Attempts"] = str(ctx.attempts)
+    return response
 
 
 def authorize(request: web.Request, ctx: RequestContext) -> None:
