@@ -119,11 +119,16 @@ class CircuitBreaker:
             self._trip()
 
     def record_probe(self, ok: bool) -> None:
-        """A health probe's result: success closes the breaker; failure counts as one."""
+        """A health probe's result: it counts like a request's outcome, and a success
+        also closes an open breaker (whichever comes first, a good trial or a good probe).
+        """
+        state = self.state
         if ok:
-            if self.state is not BreakerState.CLOSED:
+            if state is BreakerState.CLOSED:
+                self.record_success()
+            else:
                 self._close()
-        elif self.state is not BreakerState.OPEN:
+        elif state is not BreakerState.OPEN:
             self.record_failure()
 
     def _should_trip(self) -> bool:

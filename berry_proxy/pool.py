@@ -210,6 +210,10 @@ class BackendPool:
         backend.stats.record_success(latency, wall)
         provider.stats.record_success(latency, wall)
         backend.confidence.record(None, now)
+        if provider.probe_ok is False:
+            # A served request is fresher evidence than the probe that failed before it.
+            provider.probe_ok = None
+            provider.probe_error = None
         if backend.recovery_successes is not None:
             backend.recovery_successes += 1
             if backend.recovery_successes >= 5:

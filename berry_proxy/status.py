@@ -53,14 +53,20 @@ def _model_health(pool: BackendPool, model: ModelConfig) -> dict[str, Any]:
     return {"available": healthy > 0, "healthy_backends": healthy, "total_backends": len(backends)}
 
 
+def _degraded(pool: BackendPool, model: ModelConfig) -> bool:
+    """Some backend the config wants serving is not healthy (a disabled one is not down)."""
+    return any(b.usable and not b.healthy for b in pool.backends[model.id])
+
+
 @access(Access.STATUS)
 async def health(request: web.Request) -> web.Response:
     config = request.app[keys.CONFIG]
     pool = request.app[keys.POOL]
-    models = {m.name: _model_health(pool, m) for m in config.models.values() if m.enabled}
+    enabled = [m for m in config.models.values() if m.enabled]
+    models = {m.name: _model_health(pool, m) for m in enabled}
     if any(not m["available"] for m in models.values()):
         status = "unhealthy"
-    elif any(m["healthy_backends"] < m["total_backends"] for m in models.values()):
+    elif any(_degraded(pool, m) for m in enabled):
         status = "degraded"
     else:
         status = "healthy"

@@ -168,13 +168,12 @@ def test_probe_failures_count_like_request_failures(breaker: CircuitBreaker) -> 
     assert breaker.reopens_at == reopens
 
 
-def test_probe_success_while_closed_keeps_the_failure_streak(breaker: CircuitBreaker) -> None:
-    """/models answering does not prove chat works: only a request success resets it."""
-    for _ in range(THRESHOLD - 1):
+def test_probe_success_while_closed_breaks_a_failure_streak(breaker: CircuitBreaker) -> None:
+    """Failures separated by good probes are not consecutive."""
+    for _ in range(5 * THRESHOLD):
         breaker.record_failure()
-    breaker.record_probe(ok=True)
-    breaker.record_failure()
-    assert state(breaker) is BreakerState.OPEN
+        breaker.record_probe(ok=True)
+    assert state(breaker) is BreakerState.CLOSED
 
 
 def test_gauge_values() -> None:
