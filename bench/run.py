@@ -12,6 +12,10 @@ then drives each target (nginx directly, bare, gateway) with wrk for three scena
 and each server's CPU-seconds per 1000 requests, read from /proc/PID/stat around each run.
 CPU per request is the headline: on a small shared machine req/s and latency move with the
 neighbours' load, but the CPU a process burns per request barely does. See bench/README.md.
+
+After the CPU tables it runs the failover scenario of bench/failover.py (two backends, one
+failing 30 % of requests: client-visible error rate and the latency failover adds);
+`--no-failover` skips it, `--failover-only` runs nothing else.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class Settings:
     keep_temp: bool
     asyncio_bare: bool
     rounds: int
+    cpu: bool = True  # the CPU-per-request tables
+    failover: bool = True  # bench/failover.py's scenario
 
 
 # ---------------------------------------------------------------------------- requests
@@ -694,7 +700,11 @@ def print_summary(rows: Sequence[Row], ratios: Sequence[Ratio]) -> None:
 
 
 def write_json(
-    path: Path, rows: Sequence[Row], ratios: Sequence[Ratio], settings: Settings
+    path: Path,
+    rows: Sequence[Row],
+    ratios: Sequence[Ratio],
+    settings: Settings,
+    failover: dict[str, Any] | None = None,
 ) -> None:
     """Machine-readable results, for comparing runs over time."""
     doc = {
@@ -708,6 +718,8 @@ def write_json(
         "gateway_vs_bare": [asdict(r) for r in ratios],
         "verdict": verdict(ratios),
     }
+    if failover is not None:
+        doc["failover"] = failover
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results written to {path}")
@@ -717,7 +729,8 @@ def write_json(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
-    """--duration, --warmup, --quick, --rounds, --targets, --json, --keep-temp, --asyncio-bare."""
+    """--duration, --warmup, --quick, --rounds, --targets, --json, --keep-temp, --asyncio-bare,
+    --no-failover, --failover-only."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per measured run")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run")
@@ -737,6 +750,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         action="store_true",
         help="add a bare pass-through on the stock asyncio loop (what uvloop buys)",
     )
+    failover = parser.add_mutually_exclusive_group()
+    failover.add_argument(
+        "--no-failover", action="store_true", help="skip the failover scenario (bench/failover.py)"
+    )
+    failover.add_argument(
+        "--failover-only", action="store_true", help="run only the failover scenario"
+    )
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGET_NAMES)
@@ -752,6 +772,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         keep_temp=args.keep_temp,
         asyncio_bare=args.asyncio_bare,
         rounds=args.rounds,
+        cpu=not args.failover_only,
+        failover=not args.no_failover,
     )
 
 
@@ -807,11 +829,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     # SIGTERM (e.g. from a CI timeout) must still run the finally blocks that stop servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows: list[Row] = []
+    failover_valid = True
     try:
         wrk, nginx = ensure_tools()
         with temp_dir(settings.keep_temp) as tmp:
-            rows = run_bench(settings, wrk, nginx, tmp)
-            report(rows, settings)
+            if settings.cpu:
+                rows = run_bench(settings, wrk, nginx, tmp)
+                print_summary(rows, gateway_ratios(rows))
+            failover_doc = None
+            if settings.failover:
+                # Imported here, not at the top: failover.py imports this module's helpers.
+                from failover import run_failover  # noqa: PLC0415
+
+                result = run_failover(settings, wrk, nginx, tmp)
+                failover_doc, failover_valid = result.to_json(), result.valid
+            if settings.json_path is not None:
+                write_json(settings.json_path, rows, gateway_ratios(rows), settings, failover_doc)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
@@ -819,16 +853,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The finally blocks have already stopped the servers; no traceback needed.
         print("bench interrupted", file=sys.stderr)
         return 130
-    return 1 if any(r.error_total for r in rows) else 0
-
-
-def report(rows: Sequence[Row], settings: Settings) -> None:
-    """Everything after the tables: ratios, errors, verdict, optional JSON file."""
-    ratios = gateway_ratios(rows)
-    print_summary(rows, ratios)
-    if settings.json_path is not None:
-        write_json(settings.json_path, rows, ratios, settings)
+    return 1 if any(r.error_total for r in rows) or not failover_valid else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the module `run`, not as `__main__`: bench/failover.py imports this file's
+    # helpers as `run`, and one copy of the module means one BenchError, one Settings.
+    import run
+
+    sys.exit(run.main())
