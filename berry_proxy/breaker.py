@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 Clock = Callable[[], float]
 
@@ -48,6 +49,18 @@ class BreakerState(enum.Enum):
 
 
 _GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+class Ticket(NamedTuple):
+    """The right to send one request, from ``acquire``; hand it back with the outcome.
+
+    ``generation`` counts the breaker's trips when it was issued: the outcome of a request
+    that began before the latest trip is old news and moves nothing. ``trial`` marks the
+    half-open state's single trial request, the only one whose outcome decides it.
+    """
+
+    generation: int
+    trial: bool
 
 
 class CircuitBreaker:
@@ -84,39 +97,50 @@ class CircuitBreaker:
             state is BreakerState.HALF_OPEN and not self._trial_in_flight
         )
 
-    def acquire(self) -> bool:
-        """Claim the right to send one request; False if the breaker refuses it.
+    def acquire(self) -> Ticket | None:
+        """Claim the right to send one request; None if the breaker refuses it.
 
         In half-open state only one request (the trial) is let through until it settles.
         """
         if not self.available():
-            return False
-        if self._state is BreakerState.HALF_OPEN:
+            return None
+        trial = self._state is BreakerState.HALF_OPEN
+        if trial:
             self._trial_in_flight = True
-        return True
+        return Ticket(self.total_trips, trial)
 
-    def release(self) -> None:
-        """The request ended with an outcome that says nothing about the provider."""
-        self._trial_in_flight = False
+    def release(self, ticket: Ticket) -> None:
+        """The request is over; if it was the trial and recorded no outcome (a caller
+        error, a departed client), the next request may be the trial instead.
+        """
+        if ticket.trial and ticket.generation == self.total_trips:
+            self._trial_in_flight = False
 
-    def record_success(self) -> None:
+    def record_success(self, ticket: Ticket) -> None:
+        if ticket.generation != self.total_trips:
+            return  # began before the latest trip: stale news, the window stands
         state = self.state
-        if state is BreakerState.OPEN:
-            # A request that began before the trip: stale news, the window stands.
-            return
-        self.consecutive_failures = 0
-        self._outcomes.append(False)
         if state is BreakerState.HALF_OPEN:
-            self._close()
+            if ticket.trial:
+                self._close()
+            return
+        self._count(failed=False)
 
-    def record_failure(self) -> None:
-        self.consecutive_failures += 1
-        self._outcomes.append(True)
+    def record_failure(self, ticket: Ticket) -> None:
+        if ticket.generation != self.total_trips:
+            return
         state = self.state
-        if state is BreakerState.HALF_OPEN or (
-            state is BreakerState.CLOSED and self._should_trip()
-        ):
+        if state is BreakerState.HALF_OPEN:
+            if ticket.trial:
+                self._trip()
+            return
+        self._count(failed=True)
+        if self._should_trip():
             self._trip()
+
+    def _count(self, failed: bool) -> None:
+        self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
+        self._outcomes.append(failed)
 
     def record_probe(self, ok: bool) -> None:
         """A health probe's result: it counts like a request's outcome, and a success
@@ -125,11 +149,15 @@ class CircuitBreaker:
         state = self.state
         if ok:
             if state is BreakerState.CLOSED:
-                self.record_success()
+                self._count(failed=False)
             else:
                 self._close()
-        elif state is not BreakerState.OPEN:
-            self.record_failure()
+        elif state is BreakerState.HALF_OPEN:
+            self._trip()
+        elif state is BreakerState.CLOSED:
+            self._count(failed=True)
+            if self._should_trip():
+                self._trip()
 
     def _should_trip(self) -> bool:
         if self.consecutive_failures >= self.failure_threshold:

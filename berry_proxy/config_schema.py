@@ -228,10 +228,11 @@ class ConfidenceAdjustmentsSchema(_Strict):
 
 class SmartAISchema(_Strict):
     initial_confidence = _fraction()
-    min_confidence = _fraction()
+    # Both > 0: a weight of exactly 0 could never be drawn again, so never win back traffic.
+    min_confidence = StrictFloat(validate=validate.Range(min=0, max=1, min_inclusive=False))
     exploration_ratio = _fraction()
     enable_time_decay = StrictBoolean()
-    non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0))
+    non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0, min_inclusive=False))
     confidence_adjustments = fields.Nested(ConfidenceAdjustmentsSchema)
 
     @post_load

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .breaker import BreakerState, CircuitBreaker
+from .breaker import BreakerState, CircuitBreaker, Ticket
 from .config import BackendConfig, Config, ModelConfig, ProviderConfig, UserConfig
 from .errors import FailureKind, UpstreamFailure
 from .log import get_logger
@@ -196,15 +196,24 @@ class BackendPool:
     # One attempt: begin, then one outcome (or none), then end
     # ----------------------------------------------------------------------------------
 
-    def begin(self, backend: Backend) -> bool:
-        """Claim an attempt on ``backend``; False when its breaker refuses one now."""
+    def begin(self, backend: Backend) -> Ticket | None:
+        """Claim an attempt on ``backend``; None when its breaker refuses one now."""
         return backend.provider.breaker.acquire()
 
-    def end(self, backend: Backend) -> None:
+    def end(self, backend: Backend, ticket: Ticket) -> None:
         """The attempt is over; frees a half-open trial that recorded no outcome."""
-        backend.provider.breaker.release()
+        backend.provider.breaker.release(ticket)
 
-    def record_success(self, backend: Backend, latency: float) -> None:
+    def confirm_trial(self, backend: Backend, ticket: Ticket) -> None:
+        """A trial stream reached its first content: the provider works again.
+
+        Closing the breaker now, not when the stream ends minutes later, lets other
+        requests back in meanwhile. Only a trial ticket does anything here.
+        """
+        if ticket.trial:
+            self._breaker_success(backend.provider, ticket)
+
+    def record_success(self, backend: Backend, latency: float, ticket: Ticket) -> None:
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
         backend.stats.record_success(latency, wall)
@@ -218,12 +227,9 @@ class BackendPool:
             backend.recovery_successes += 1
             if backend.recovery_successes >= 5:
                 backend.recovery_successes = None
-        was = provider.breaker.state
-        provider.breaker.record_success()
-        if was is BreakerState.HALF_OPEN and provider.breaker.state is BreakerState.CLOSED:
-            self._closed(provider, "trial request succeeded")
+        self._breaker_success(provider, ticket)
 
-    def record_failure(self, backend: Backend, failure: UpstreamFailure) -> None:
+    def record_failure(self, backend: Backend, failure: UpstreamFailure, ticket: Ticket) -> None:
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
         backend.stats.record_failure(failure.message, wall)
@@ -235,9 +241,16 @@ class BackendPool:
             if backend.recovery_successes is not None:
                 backend.recovery_successes = 0
             trips = provider.breaker.total_trips
-            provider.breaker.record_failure()
+            provider.breaker.record_failure(ticket)
             if provider.breaker.total_trips != trips:
                 self._opened(provider, failure.kind.value)
+
+    def _breaker_success(self, provider: ProviderState, ticket: Ticket) -> None:
+        breaker = provider.breaker
+        was = breaker.state
+        breaker.record_success(ticket)
+        if was is BreakerState.HALF_OPEN and breaker.state is BreakerState.CLOSED:
+            self._closed(provider, "trial request succeeded")
 
     def record_probe(self, provider: ProviderState, error: str | None) -> None:
         """A health probe's result (``error`` None: it answered)."""

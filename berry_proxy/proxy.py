@@ -25,6 +25,7 @@ from aiohttp import web
 
 from . import keys
 from .auth import Access, access, resolve_model
+from .breaker import Ticket
 from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS, Config, ModelConfig
 from .context import RequestContext
 from .errors import (
@@ -80,6 +81,7 @@ class Attempt:
     headers: dict[str, str]
     deadline: float  # monotonic; the request's overall deadline
     add_usage: bool  # we asked for usage the client did not: drop the usage-only chunk
+    ticket: Ticket  # the breaker's admission of this attempt
 
 
 class Proxy:
@@ -134,7 +136,8 @@ class Proxy:
             tried = per_provider.get(provider.id, 0)
             if provider.max_retries is not None and tried >= provider.max_retries:
                 continue
-            if not self.pool.begin(backend):
+            ticket = self.pool.begin(backend)
+            if ticket is None:
                 continue  # its breaker opened meanwhile, or another request holds the trial
             per_provider[provider.id] = tried + 1
             ctx.attempts += 1
@@ -151,6 +154,7 @@ class Proxy:
                 headers=dict(headers),
                 deadline=deadline,
                 add_usage=add_usage,
+                ticket=ticket,
             )
             try:
                 if stream:
@@ -161,9 +165,9 @@ class Proxy:
                 last_failure[backend] = failure.kind
                 ctx.failures.append(f"{provider.id}: {failure.kind.value}")
                 if failure.kind is not FailureKind.SATURATED:
-                    self.pool.record_failure(backend, failure)
+                    self.pool.record_failure(backend, failure, ticket)
             finally:
-                self.pool.end(backend)
+                self.pool.end(backend, ticket)
         self.pool.record_model_outcome(model.id, ok=False, latency=0.0)
         raise self._all_failed(model, plan, failures, deadline)
 
@@ -227,7 +231,7 @@ class Proxy:
                 ) from None
             prompt, completion, _ = usage_of(payload)
             ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
-            self.pool.record_success(backend, latency)
+            self.pool.record_success(backend, latency, attempt.ticket)
             self.pool.record_model_outcome(backend.model.id, ok=True, latency=latency)
         headers = passable_response_headers(upstream.headers)
         headers.update(self._served_by(ctx, backend))
@@ -306,6 +310,8 @@ class Proxy:
                 headers = passable_response_headers(upstream.headers)
                 headers.update(self._served_by(ctx, backend))
                 return web.Response(body=held, status=upstream.status, headers=headers)
+            # Content is flowing: a trial has proven the provider; let others back in now.
+            self.pool.confirm_trial(backend, attempt.ticket)
             # All headers at once: this response is prepared here, so the request-id
             # middleware cannot add X-Request-ID to it later (_served_by includes it).
             response = web.StreamResponse(
@@ -325,7 +331,7 @@ class Proxy:
                 )
             latency = answered_at - started
             if end is StreamEnd.DONE:
-                self.pool.record_success(backend, latency)
+                self.pool.record_success(backend, latency, attempt.ticket)
             if end is not StreamEnd.CLIENT_GONE:
                 self.pool.record_model_outcome(
                     backend.model.id, ok=end is StreamEnd.DONE, latency=latency
@@ -477,7 +483,7 @@ class Proxy:
     ) -> None:
         ctx.abort_reason = "upstream_" + failure.kind.value
         ctx.failures.append(f"{attempt.backend.provider.id}: {failure.kind.value}")
-        self.pool.record_failure(attempt.backend, failure)
+        self.pool.record_failure(attempt.backend, failure, attempt.ticket)
 
     async def _break_stream(
         self,

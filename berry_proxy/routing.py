@@ -5,7 +5,9 @@ strategy for an order using the one effective-weight formula (``weights.weigh``)
 applies two rules every strategy shares:
 
 - a backend whose breaker is half-open goes first: its single trial request decides
-  whether it rejoins (nginx and Envoy likewise send live traffic as the trial);
+  whether it rejoins (nginx and Envoy likewise send live traffic as the trial). Not under
+  ``failover``: a lower tier is tried only when the tiers above have failed, so a
+  half-open backup keeps its place (recovery probes or a failing primary test it);
 - a backend whose provider asked to be left alone (429 with ``Retry-After``) goes last,
   tried only when nothing else is left.
 
@@ -25,6 +27,9 @@ from .errors import ServiceUnavailable
 from .pool import Backend, BackendPool
 from .strategies import Strategy, make_strategy
 from .weights import WeightBreakdown, best_latency, weigh
+
+# Strategies whose order is a promise (priority tiers) that a trial must not jump.
+TIERED_STRATEGIES = frozenset({"failover"})
 
 
 class Router:
@@ -54,7 +59,11 @@ class Router:
         weights = [w.effective_weight for w in self.breakdowns(model, eligible)]
         ordered = self.strategies[model.id].order(eligible, weights, self.rng)
         now = self.pool.clock()
-        trials = [b for b in ordered if b.provider.breaker.state is BreakerState.HALF_OPEN]
+        trials = (
+            []
+            if model.strategy in TIERED_STRATEGIES
+            else [b for b in ordered if b.provider.breaker.state is BreakerState.HALF_OPEN]
+        )
         cooling = [b for b in ordered if b.provider.cooldown_until > now and b not in trials]
         if not trials and not cooling:
             return ordered

@@ -8,6 +8,7 @@ from ``weights.weigh`` (the one formula), passed in the same order as the backen
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Protocol
@@ -113,29 +114,33 @@ class SmoothRoundRobin:
 class LeastLatency:
     """``least_latency``: lowest EWMA latency, by power of two choices.
 
-    Backends never measured go first (so they get measured). Otherwise two distinct
-    backends are drawn at random and the faster leads: the slowest never leads, and
-    near-equal fast backends share the load instead of all traffic herding onto whichever
-    measured fastest last. The rest follow, fastest first.
+    Backends never tried go first (so they get measured). Otherwise two distinct backends
+    are drawn at random and the faster leads: the slowest never leads, and near-equal
+    fast backends share the load instead of all traffic herding onto whichever measured
+    fastest last. The rest follow, fastest first. A backend failing right now counts as
+    slower by its failure streak (latency x (1 + consecutive failures)), and one that has
+    only ever failed comes last: an average of its successes would say nothing.
     """
 
     def order(
         self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
     ) -> list[Backend]:
-        unmeasured = [b for b in backends if b.stats.latency_ewma is None]
-        measured = sorted((b for b in backends if b.stats.latency_ewma is not None), key=_latency)
-        rng.shuffle(unmeasured)
+        untried = [b for b in backends if b.stats.total_requests == 0]
+        rng.shuffle(untried)
+        measured = sorted((b for b in backends if b.stats.total_requests), key=_score)
         if len(measured) >= 2:
             first, second = rng.sample(measured, 2)
-            lead = first if _latency(first) <= _latency(second) else second
+            lead = first if _score(first) <= _score(second) else second
             measured.remove(lead)
             measured.insert(0, lead)
-        return unmeasured + measured
+        return untried + measured
 
 
-def _latency(backend: Backend) -> float:
-    ewma = backend.stats.latency_ewma
-    return ewma if ewma is not None else 0.0
+def _score(backend: Backend) -> float:
+    stats = backend.stats
+    if stats.latency_ewma is None:
+        return math.inf
+    return stats.latency_ewma * (1 + stats.consecutive_failures)
 
 
 class Failover:

@@ -86,10 +86,17 @@ def recovery_factor(successes: int | None) -> float:
 def best_latency(backends: Sequence[Backend]) -> float | None:
     """The model's lowest EWMA latency: the reference for every backend's latency factor.
 
-    Taken over all of the model's backends, whatever the caller may use, so a backend's
-    weight is the same for every user and in every view.
+    Taken over the model's backends that could serve now (enabled, breaker not open),
+    whatever the caller's tags, so a backend's weight is the same for every user and in
+    every view, and a fast backend that died does not leave its old speed as the bar.
     """
-    measured = [b.stats.latency_ewma for b in backends if b.stats.latency_ewma is not None]
+    measured = [
+        b.stats.latency_ewma
+        for b in backends
+        if b.stats.latency_ewma is not None
+        and b.usable
+        and b.provider.breaker.state is not BreakerState.OPEN
+    ]
     return min(measured) if measured else None
 
 

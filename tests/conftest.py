@@ -20,6 +20,8 @@ from aiohttp.test_utils import TestServer
 
 from berry_proxy.app import create_app
 from berry_proxy.config import Config, build_config
+from berry_proxy.errors import UpstreamFailure
+from berry_proxy.pool import Backend, BackendPool
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 USER_TOKEN = "test-user-token-0123456789"
@@ -92,6 +94,26 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def served(pool: BackendPool, backend: Backend, latency: float = 0.1) -> None:
+    """One attempt on ``backend`` that succeeds, recorded as the proxy records it."""
+    ticket = pool.begin(backend)
+    assert ticket is not None, "the breaker refused the attempt"
+    try:
+        pool.record_success(backend, latency, ticket)
+    finally:
+        pool.end(backend, ticket)
+
+
+def failed(pool: BackendPool, backend: Backend, failure: UpstreamFailure) -> None:
+    """One attempt on ``backend`` that fails, recorded as the proxy records it."""
+    ticket = pool.begin(backend)
+    assert ticket is not None, "the breaker refused the attempt"
+    try:
+        pool.record_failure(backend, failure, ticket)
+    finally:
+        pool.end(backend, ticket)
 
 
 @dataclass

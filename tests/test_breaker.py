@@ -9,6 +9,7 @@ from berry_proxy.breaker import (
     RATIO_WINDOW,
     BreakerState,
     CircuitBreaker,
+    Ticket,
 )
 
 from .conftest import FakeClock
@@ -32,10 +33,34 @@ def state(breaker: CircuitBreaker) -> BreakerState:
     return breaker.state
 
 
+def fail(breaker: CircuitBreaker) -> None:
+    """One request, admitted now, that fails."""
+    ticket = breaker.acquire()
+    assert ticket is not None
+    breaker.record_failure(ticket)
+
+
+def succeed(breaker: CircuitBreaker) -> None:
+    """One request, admitted now, that succeeds."""
+    ticket = breaker.acquire()
+    assert ticket is not None
+    breaker.record_success(ticket)
+
+
 def trip(breaker: CircuitBreaker) -> None:
     for _ in range(THRESHOLD):
-        breaker.record_failure()
+        fail(breaker)
     assert state(breaker) is BreakerState.OPEN
+
+
+def half_open_trial(breaker: CircuitBreaker, clock: FakeClock) -> Ticket:
+    """Trip the breaker, let its window pass, and take the trial."""
+    trip(breaker)
+    clock.now += OPEN_SECONDS
+    trial = breaker.acquire()
+    assert trial is not None
+    assert trial.trial
+    return trial
 
 
 def test_starts_closed_and_lets_requests_through(breaker: CircuitBreaker) -> None:
@@ -45,9 +70,9 @@ def test_starts_closed_and_lets_requests_through(breaker: CircuitBreaker) -> Non
 
 def test_opens_after_threshold_consecutive_failures(breaker: CircuitBreaker) -> None:
     for _ in range(THRESHOLD - 1):
-        breaker.record_failure()
+        fail(breaker)
     assert state(breaker) is BreakerState.CLOSED
-    breaker.record_failure()
+    fail(breaker)
     assert state(breaker) is BreakerState.OPEN
     assert not breaker.available()
     assert not breaker.acquire()
@@ -56,22 +81,21 @@ def test_opens_after_threshold_consecutive_failures(breaker: CircuitBreaker) -> 
 def test_a_success_resets_the_consecutive_count(breaker: CircuitBreaker) -> None:
     # Two failures in a row, then successes: never THRESHOLD in a row, 40% failures.
     for _ in range(10):
-        breaker.record_failure()
-        breaker.record_failure()
+        fail(breaker)
+        fail(breaker)
         for _ in range(3):
-            breaker.record_success()
+            succeed(breaker)
     assert state(breaker) is BreakerState.CLOSED
 
 
 def test_a_high_failure_ratio_opens_it_without_a_streak(clock: FakeClock) -> None:
     breaker = CircuitBreaker(5, OPEN_SECONDS, clock)
     # Four failures, one success: never 5 in a row, but 80% of outcomes are failures.
-    for _ in range(RATIO_WINDOW):
+    pattern = [fail, fail, fail, fail, succeed] * RATIO_WINDOW
+    for outcome in pattern:
         if state(breaker) is BreakerState.OPEN:
             break
-        for _ in range(4):
-            breaker.record_failure()
-        breaker.record_success()
+        outcome(breaker)
     assert state(breaker) is BreakerState.OPEN
 
 
@@ -79,9 +103,9 @@ def test_a_low_failure_ratio_never_opens_it(breaker: CircuitBreaker) -> None:
     # 30% failures, never two in a row: the breaker stays closed.
     for i in range(10 * RATIO_WINDOW):
         if i % 10 in (0, 4, 7):
-            breaker.record_failure()
+            fail(breaker)
         else:
-            breaker.record_success()
+            succeed(breaker)
     assert state(breaker) is BreakerState.CLOSED
 
 
@@ -101,8 +125,7 @@ def test_half_open_after_the_timeout_admits_one_trial(
 def test_successful_trial_closes(breaker: CircuitBreaker, clock: FakeClock) -> None:
     trip(breaker)
     clock.now += OPEN_SECONDS
-    assert breaker.acquire()
-    breaker.record_success()
+    succeed(breaker)  # the trial
     assert state(breaker) is BreakerState.CLOSED
     assert breaker.acquire()
     assert breaker.acquire()
@@ -115,8 +138,7 @@ def test_failed_trial_reopens_for_a_growing_window(
     windows = [breaker.open_seconds]
     for _ in range(6):
         clock.now += breaker.open_seconds
-        assert breaker.acquire()
-        breaker.record_failure()
+        fail(breaker)  # the trial
         assert state(breaker) is BreakerState.OPEN
         windows.append(breaker.open_seconds)
     cap = OPEN_SECONDS * MAX_OPEN_MULTIPLIER
@@ -129,12 +151,10 @@ def test_failed_trial_reopens_for_a_growing_window(
 def test_closing_resets_the_window(breaker: CircuitBreaker, clock: FakeClock) -> None:
     trip(breaker)
     clock.now += OPEN_SECONDS
-    breaker.acquire()
-    breaker.record_failure()
+    fail(breaker)
     assert breaker.open_seconds == 2 * OPEN_SECONDS
     clock.now += breaker.open_seconds
-    breaker.acquire()
-    breaker.record_success()
+    succeed(breaker)
     trip(breaker)
     assert breaker.open_seconds == OPEN_SECONDS
 
@@ -143,10 +163,8 @@ def test_a_trial_that_settles_nothing_frees_the_slot(
     breaker: CircuitBreaker, clock: FakeClock
 ) -> None:
     """A caller error or a departed client says nothing: the next request gets the trial."""
-    trip(breaker)
-    clock.now += OPEN_SECONDS
-    assert breaker.acquire()
-    breaker.release()
+    trial = half_open_trial(breaker, clock)
+    breaker.release(trial)
     assert state(breaker) is BreakerState.HALF_OPEN
     assert breaker.acquire()
 
@@ -171,7 +189,7 @@ def test_probe_failures_count_like_request_failures(breaker: CircuitBreaker) -> 
 def test_probe_success_while_closed_breaks_a_failure_streak(breaker: CircuitBreaker) -> None:
     """Failures separated by good probes are not consecutive."""
     for _ in range(5 * THRESHOLD):
-        breaker.record_failure()
+        fail(breaker)
         breaker.record_probe(ok=True)
     assert state(breaker) is BreakerState.CLOSED
 
@@ -180,8 +198,34 @@ def test_gauge_values() -> None:
     assert [s.gauge for s in BreakerState] == [0, 1, 2]
 
 
-def test_a_late_success_does_not_close_an_open_breaker(breaker: CircuitBreaker) -> None:
-    """A request that began before the trip and succeeds after it is stale news."""
+def test_outcomes_of_requests_begun_before_a_trip_are_stale(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """A request admitted before the trip settles nothing after it: a late success does
+    not close the breaker, a late failure does not re-trip it or spoil the real trial.
+    """
+    early = [breaker.acquire() for _ in range(3)]
     trip(breaker)
-    breaker.record_success()
+    assert early[0] is not None
+    breaker.record_success(early[0])
+    assert state(breaker) is BreakerState.OPEN
+    clock.now += OPEN_SECONDS
+    trial = breaker.acquire()
+    assert trial is not None
+    assert early[1] is not None
+    breaker.record_failure(early[1])  # e.g. a request that hung until a timeout
+    assert state(breaker) is BreakerState.HALF_OPEN
+    assert breaker.open_seconds == OPEN_SECONDS
+    assert early[2] is not None
+    breaker.release(early[2])
+    assert breaker.acquire() is None, "another request's end does not free the trial"
+    breaker.record_success(trial)
+    assert state(breaker) is BreakerState.CLOSED
+
+
+def test_only_the_trial_decides_a_half_open_breaker(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    trial = half_open_trial(breaker, clock)
+    breaker.record_failure(trial)
     assert state(breaker) is BreakerState.OPEN

@@ -911,6 +911,9 @@ def test_quoted_yes_is_not_a_boolean_in_yaml_or_toml(tmp_path: Path) -> None:
         ("models.m.backends[0].priority", -1),
         ("settings.smart_ai.initial_confidence", 1.01),
         ("settings.smart_ai.min_confidence", -0.1),
+        # 0 would let a backend's weight reach 0, never to be drawn again.
+        ("settings.smart_ai.min_confidence", 0),
+        ("settings.smart_ai.non_premium_stability_bonus", 0),
         ("settings.smart_ai.exploration_ratio", 2),
         ("settings.smart_ai.non_premium_stability_bonus", -1),
         ("settings.smart_ai.confidence_adjustments.success_boost", 1.5),

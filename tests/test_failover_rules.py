@@ -310,3 +310,24 @@ async def test_a_client_that_leaves_during_a_trial_frees_it(
         await asyncio.sleep(0.01)
     status, _, _ = await post(server)
     assert status == 200, "the next request got the trial"
+
+
+async def test_a_trial_stream_closes_the_breaker_at_its_first_content(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """A long trial stream does not keep the model at 503 until it ends."""
+    server, clock = await tripped_gateway(start_gateway, upstream)
+    clock.now += 60
+    upstream.mode = "gated"  # first content, then wait for the gate
+    async with aiohttp.ClientSession() as session:
+        trial = await session.post(
+            base_url(server) + "/v1/chat/completions", json=chat(stream=True), headers=AUTH
+        )
+        assert trial.status == 200
+        await upstream.first_chunk_sent.wait()
+        assert breaker_state(server) is BreakerState.CLOSED
+        upstream.mode = "ok"
+        status, _, _ = await post(server)
+        assert status == 200, "served while the trial stream is still running"
+        upstream.gate.set()
+        assert (await trial.read()).endswith(b"data: [DONE]\n\n")

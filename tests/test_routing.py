@@ -34,7 +34,7 @@ from berry_proxy.strategies import (
     make_strategy,
 )
 
-from .conftest import FakeClock
+from .conftest import FakeClock, failed, served
 
 DRAWS = 20_000
 
@@ -125,7 +125,7 @@ def first_picks(
 
 
 def fail(pool: BackendPool, backend: Backend, kind: FailureKind = FailureKind.SERVER) -> None:
-    pool.record_failure(backend, UpstreamFailure(kind, "boom"))
+    failed(pool, backend, UpstreamFailure(kind, "boom"))
 
 
 def open_breaker(pool: BackendPool, backend: Backend) -> None:
@@ -227,8 +227,8 @@ def test_round_robin_failover_order_follows_the_next_turns(pool: BackendPool) ->
 
 def test_least_latency_tries_unmeasured_backends_first(pool: BackendPool) -> None:
     light, medium, heavy = pool.backends["weighted"]
-    pool.record_success(light, 0.010)
-    pool.record_success(medium, 0.500)
+    served(pool, light, 0.010)
+    served(pool, medium, 0.500)
     rng = random.Random(1)
     for _ in range(50):
         order = LeastLatency().order([light, medium, heavy], [1.0] * 3, rng)
@@ -239,7 +239,7 @@ def test_least_latency_tries_unmeasured_backends_first(pool: BackendPool) -> Non
 def test_least_latency_power_of_two_choices(pool: BackendPool) -> None:
     light, medium, heavy = pool.backends["weighted"]
     for backend, latency in ((light, 0.1), (medium, 0.2), (heavy, 0.9)):
-        pool.record_success(backend, latency)
+        served(pool, backend, latency)
     firsts = first_picks(LeastLatency(), [light, medium, heavy], 5)
     # Two of three drawn at random, the faster leads: light wins 2 of the 3 pairs,
     # medium 1 of 3, the slowest never leads.
@@ -250,10 +250,10 @@ def test_least_latency_power_of_two_choices(pool: BackendPool) -> None:
 
 def test_least_latency_follows_the_moving_average(pool: BackendPool) -> None:
     light, medium, _ = pool.backends["weighted"]
-    pool.record_success(light, 0.1)
-    pool.record_success(medium, 0.2)
+    served(pool, light, 0.1)
+    served(pool, medium, 0.2)
     for _ in range(10):
-        pool.record_success(light, 1.0)  # light got slow
+        served(pool, light, 1.0)  # light got slow
     order = LeastLatency().order([light, medium], [1.0, 1.0], random.Random(0))
     assert order == [medium, light]
 
@@ -337,9 +337,7 @@ def test_smart_weighted_failover_stages_a_recovering_backend(
     stages = []
     for _ in range(6):
         stages.append(effective(heavy) / 6.0)
-        pool.begin(heavy)
-        pool.record_success(heavy, 0.1)
-        pool.end(heavy)
+        served(pool, heavy, 0.1)
     # Half-open trial at 10%; then 1-2 successes 30%, 3-4 50%, 5 fully back.
     assert stages == pytest.approx([0.1, 0.3, 0.3, 0.5, 0.5, 1.0])
     assert effective(light) == 1.0
@@ -434,11 +432,12 @@ def test_a_half_open_backend_gets_its_trial_first(
     for seed in range(20):
         assert plan(config, pool, "weighted", "untagged", seed)[0] is light
     # Once a request holds the trial, others do not wait for it: light is left out.
-    assert pool.begin(light)
+    trial = pool.begin(light)
+    assert trial is not None
     for seed in range(20):
         assert light not in plan(config, pool, "weighted", "untagged", seed)
-    pool.record_success(light, 0.2)
-    pool.end(light)
+    pool.record_success(light, 0.2, trial)
+    pool.end(light, trial)
     assert light.provider.breaker.state is BreakerState.CLOSED
 
 
@@ -446,9 +445,7 @@ def test_a_provider_cooling_down_after_429_goes_last(
     config: Config, pool: BackendPool, clock: FakeClock
 ) -> None:
     heavy = pool.backends["weighted"][2]
-    pool.record_failure(
-        heavy, UpstreamFailure(FailureKind.RATE_LIMIT, "429", status=429, retry_after=30)
-    )
+    failed(pool, heavy, UpstreamFailure(FailureKind.RATE_LIMIT, "429", status=429, retry_after=30))
     for seed in range(30):
         assert plan(config, pool, "weighted", "untagged", seed)[-1] is heavy
     assert heavy.provider.breaker.state is BreakerState.CLOSED, "a 429 is not a breakdown"
@@ -465,3 +462,38 @@ def test_first_pick_through_the_router_follows_weights(config: Config, pool: Bac
     firsts = Counter(router.plan(model, user)[0].provider.id for _ in range(DRAWS))
     for provider, p in (("light", 0.1), ("medium", 0.3), ("heavy", 0.6)):
         assert within(firsts[provider], DRAWS, p), (provider, firsts)
+
+
+def test_failover_keeps_a_half_open_backup_in_its_tier(clock: FakeClock) -> None:
+    """A lower tier is tried only after the tiers above: its trial does not jump them."""
+    config = tiered_config()
+    pool = BackendPool(config, clock)
+    backup = next(b for b in pool.backends["tiered"] if b.config.model == "backup")
+    open_breaker(pool, backup)
+    clock.now += config.settings.circuit_breaker_timeout_seconds
+    assert backup.provider.breaker.state is BreakerState.HALF_OPEN
+    for seed in range(20):
+        order = [b.config.model for b in plan(config, pool, "tiered", "untagged", seed)]
+        assert set(order[:2]) == {"primary-a", "primary-b"}
+        assert order[2] == "backup"
+
+
+def test_least_latency_puts_a_backend_that_only_fails_last(pool: BackendPool) -> None:
+    light, medium, heavy = pool.backends["weighted"]
+    served(pool, light, 0.5)
+    served(pool, medium, 0.9)
+    failed(pool, heavy, UpstreamFailure(FailureKind.RATE_LIMIT, "429"))  # no Retry-After
+    rng = random.Random(2)
+    for _ in range(50):
+        assert LeastLatency().order([light, medium, heavy], [1.0] * 3, rng)[-1] is heavy
+
+
+def test_least_latency_counts_a_failure_streak_against_a_fast_backend(
+    pool: BackendPool,
+) -> None:
+    light, medium, _ = pool.backends["weighted"]
+    served(pool, light, 0.1)
+    served(pool, medium, 0.25)
+    for _ in range(3):  # light is failing now: 0.1 s x (1 + 3) is slower than 0.25 s
+        failed(pool, light, UpstreamFailure(FailureKind.SERVER, "500"))
+    assert LeastLatency().order([light, medium], [1.0, 1.0], random.Random(0)) == [medium, light]

@@ -30,7 +30,9 @@ from .conftest import (
     GatewayFactory,
     ServerFactory,
     base_url,
+    failed,
     gateway_config,
+    served,
 )
 
 SETTINGS = SmartAISettings()
@@ -143,12 +145,12 @@ def test_fresh_backends_weigh_weight_times_confidence_times_bonus() -> None:
 def test_latency_factor_is_relative_to_the_fastest_backend() -> None:
     pool, router, _ = smart_pool({"smart_ai": {"exploration_ratio": 0.0}})
     a, b = pool.backends["chat"]
-    pool.record_success(a, 0.5)
-    pool.record_success(b, 1.0)
+    served(pool, a, 0.5)
+    served(pool, b, 1.0)
     breakdown = router.breakdowns(b.model, [a, b])
     assert [w.latency_factor for w in breakdown] == [1.0, 0.5]
     assert breakdown[1].effective_weight == pytest.approx(breakdown[0].effective_weight / 2)
-    pool.record_success(b, 1000.0)
+    served(pool, b, 1000.0)
     assert router.breakdowns(b.model, [b])[0].latency_factor == MIN_LATENCY_FACTOR
 
 
@@ -156,8 +158,8 @@ def test_exploration_ratio_is_the_share_of_weight_latency_does_not_touch() -> No
     for ratio, expected in ((0.0, 0.5), (0.2, 0.6), (1.0, 1.0)):
         pool, router, _ = smart_pool({"smart_ai": {"exploration_ratio": ratio}})
         a, b = pool.backends["chat"]
-        pool.record_success(a, 0.5)
-        pool.record_success(b, 1.0)
+        served(pool, a, 0.5)
+        served(pool, b, 1.0)
         wa, wb = (w.effective_weight for w in router.breakdowns(a.model, [a, b]))
         assert wb / wa == pytest.approx(expected), ratio
 
@@ -168,10 +170,10 @@ def test_error_factor_follows_the_failure_streak() -> None:
     failure = UpstreamFailure(FailureKind.SERVER, "boom")
     factors = []
     for _ in range(3):
-        pool.record_failure(a, failure)
+        failed(pool, a, failure)
         factors.append(router.breakdowns(a.model, [a])[0].error_factor)
     assert factors == [1 / 2, 1 / 3, 1 / 4]
-    pool.record_success(a, 0.1)
+    served(pool, a, 0.1)
     assert router.breakdowns(a.model, [a])[0].error_factor == 1.0
 
 
@@ -194,7 +196,7 @@ def test_weigh_is_what_the_router_draws_with() -> None:
     pool, router, clock = smart_pool({"circuit_breaker_failure_threshold": 100})
     a, b = pool.backends["chat"]
     for _ in range(2):
-        pool.record_failure(b, UpstreamFailure(FailureKind.SERVER, "boom"))
+        failed(pool, b, UpstreamFailure(FailureKind.SERVER, "boom"))
     wa = weigh(a, pool.config.settings.smart_ai, None, clock()).effective_weight
     wb = weigh(b, pool.config.settings.smart_ai, None, clock()).effective_weight
     model, user = pool.config.models["chat"], pool.config.users["u"]
@@ -228,16 +230,17 @@ def serve(
         order = router.plan(model, user)
         firsts.append(order[0].provider.id)
         for backend in order:
-            if not pool.begin(backend):
+            ticket = pool.begin(backend)
+            if ticket is None:
                 continue
             try:
                 if fails(backend):
-                    pool.record_failure(backend, UpstreamFailure(FailureKind.SERVER, "500"))
+                    pool.record_failure(backend, UpstreamFailure(FailureKind.SERVER, "500"), ticket)
                     continue
-                pool.record_success(backend, 0.2)
+                pool.record_success(backend, 0.2, ticket)
                 break
             finally:
-                pool.end(backend)
+                pool.end(backend, ticket)
         else:
             raise AssertionError("a request failed although one backend works")
     return firsts
@@ -322,3 +325,14 @@ async def test_end_to_end_traffic_moves_away_and_comes_back(
         before = len(bad.requests)
         await send(session, 50, stream=False)
         assert len(bad.requests) - before >= 15, "back to a fair share (25 of 50)"
+
+
+def test_a_dead_fast_backend_is_not_the_latency_bar() -> None:
+    """Once the fastest backend's breaker opens, the live ones are compared to each other."""
+    pool, router, _ = smart_pool({"circuit_breaker_failure_threshold": 1})
+    a, b = pool.backends["chat"]
+    served(pool, a, 0.02)
+    served(pool, b, 1.0)
+    assert router.breakdowns(b.model, [b])[0].latency_factor == pytest.approx(0.1)
+    failed(pool, a, UpstreamFailure(FailureKind.SERVER, "500"))  # a's breaker opens
+    assert router.breakdowns(b.model, [b])[0].latency_factor == 1.0
