@@ -124,7 +124,7 @@ class CircuitBreaker:
             if ticket.trial:
                 self._close()
             return
-        self._count(failed=False)
+        self._closed_outcome(failed=False)
 
     def record_failure(self, ticket: Ticket) -> None:
         if ticket.generation != self.total_trips:
@@ -134,30 +134,26 @@ class CircuitBreaker:
             if ticket.trial:
                 self._trip()
             return
-        self._count(failed=True)
-        if self._should_trip():
-            self._trip()
+        self._closed_outcome(failed=True)
 
-    def _count(self, failed: bool) -> None:
+    def _closed_outcome(self, failed: bool) -> None:
+        """Count one outcome while closed; trip when the rules say so."""
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         self._outcomes.append(failed)
+        if failed and self._should_trip():
+            self._trip()
 
     def record_probe(self, ok: bool) -> None:
         """A health probe's result: it counts like a request's outcome, and a success
         also closes an open breaker (whichever comes first, a good trial or a good probe).
         """
         state = self.state
-        if ok:
-            if state is BreakerState.CLOSED:
-                self._count(failed=False)
-            else:
-                self._close()
+        if state is BreakerState.CLOSED:
+            self._closed_outcome(failed=not ok)
+        elif ok:
+            self._close()
         elif state is BreakerState.HALF_OPEN:
             self._trip()
-        elif state is BreakerState.CLOSED:
-            self._count(failed=True)
-            if self._should_trip():
-                self._trip()
 
     def _should_trip(self) -> bool:
         if self.consecutive_failures >= self.failure_threshold:

@@ -23,6 +23,10 @@ Clock = Callable[[], float]
 
 log = get_logger("berry_proxy.pool")
 
+# smart_weighted_failover: weight share while recovering, by successes since the breaker
+# opened: none yet → 10%, 1-2 → 30%, 3-4 → 50%; after as many successes as there are
+# stages (5) the backend is fully recovered.
+RECOVERY_STAGES = (0.1, 0.3, 0.3, 0.5, 0.5)
 # Weight of the newest sample in the exponentially weighted moving latency average.
 LATENCY_EWMA_ALPHA = 0.3
 # Failures that say something about the provider, and so count against its breaker.
@@ -225,7 +229,7 @@ class BackendPool:
             provider.probe_error = None
         if backend.recovery_successes is not None:
             backend.recovery_successes += 1
-            if backend.recovery_successes >= 5:
+            if backend.recovery_successes >= len(RECOVERY_STAGES):
                 backend.recovery_successes = None
         self._breaker_success(provider, ticket)
 

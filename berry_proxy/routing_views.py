@@ -19,13 +19,12 @@ from .errors import NotFound
 from .pool import Backend, Stats
 from .routing import Router
 from .status import iso_or_none, iso_timestamp, json_response
+from .weights import WeightBreakdown
 
 
-def _weights(router: Router, model: ModelConfig) -> list[tuple[Backend, dict[str, Any]]]:
+def _weights(router: Router, model: ModelConfig) -> list[tuple[Backend, WeightBreakdown]]:
     backends = router.pool.backends[model.id]
-    return [
-        (b, asdict(w)) for b, w in zip(backends, router.breakdowns(model, backends), strict=True)
-    ]
+    return list(zip(backends, router.breakdowns(model, backends), strict=True))
 
 
 @access(Access.ADMIN)
@@ -41,7 +40,7 @@ async def model_weights(request: web.Request) -> web.Response:
                     "provider": b.provider.id,
                     "model": b.config.model,
                     "weight": b.config.weight,
-                    "effective_weight": w["effective_weight"],
+                    "effective_weight": w.effective_weight,
                     "priority": b.config.priority,
                     "enabled": b.usable,
                     "healthy": b.healthy,
@@ -111,13 +110,13 @@ def _smart_ai_backends(router: Router, model: ModelConfig) -> list[dict[str, Any
         {
             "provider": b.provider.id,
             "model": b.config.model,
-            "weight": w["weight"],
-            "confidence": w["confidence"],
-            "health_factor": w["health_factor"],
-            "latency_factor": w["latency_factor"],
-            "error_factor": w["error_factor"],
-            "stability_bonus": w["stability_bonus"],
-            "effective_weight": w["effective_weight"],
+            "weight": w.weight,
+            "confidence": w.confidence,
+            "health_factor": w.health_factor,
+            "latency_factor": w.latency_factor,
+            "error_factor": w.error_factor,
+            "stability_bonus": w.stability_bonus,
+            "effective_weight": w.effective_weight,
             "healthy": b.healthy,
             "circuit_breaker_state": b.provider.breaker.state.value,
             "latency_ewma_ms": (

@@ -21,21 +21,24 @@ from .errors import FailureKind
 DECAY_HALF_LIFE_SECONDS = 60.0
 
 
+# Which ``confidence_adjustments`` key penalises each failure class. SATURATED (the
+# gateway's own connection limit) says nothing about the backend: no penalty.
+PENALTY_KEYS = {
+    FailureKind.NETWORK: "network_error_penalty",
+    FailureKind.TIMEOUT: "timeout_penalty",
+    FailureKind.SERVER: "server_error_penalty",
+    FailureKind.RATE_LIMIT: "rate_limit_penalty",
+    FailureKind.AUTH: "auth_error_penalty",
+    FailureKind.PROTOCOL: "model_error_penalty",
+}
+
+
 def adjustment(kind: FailureKind | None, adjustments: ConfidenceAdjustments) -> float:
     """How much one outcome moves confidence: ``None`` is a success."""
     if kind is None:
         return adjustments.success_boost
-    penalty = {
-        FailureKind.NETWORK: adjustments.network_error_penalty,
-        FailureKind.TIMEOUT: adjustments.timeout_penalty,
-        FailureKind.SERVER: adjustments.server_error_penalty,
-        FailureKind.RATE_LIMIT: adjustments.rate_limit_penalty,
-        FailureKind.AUTH: adjustments.auth_error_penalty,
-        FailureKind.PROTOCOL: adjustments.model_error_penalty,
-        # The gateway's own connection limit says nothing about the backend.
-        FailureKind.SATURATED: 0.0,
-    }[kind]
-    return -penalty
+    key = PENALTY_KEYS.get(kind)
+    return 0.0 if key is None else -float(getattr(adjustments, key))
 
 
 class Confidence:

@@ -33,14 +33,11 @@ from dataclasses import dataclass
 
 from .breaker import BreakerState
 from .config import SmartAISettings
-from .pool import Backend
+from .pool import RECOVERY_STAGES, Backend
 
 MIN_LATENCY_FACTOR = 0.1
 # The tag that marks a backend as premium (no stability bonus), as in the original.
 PREMIUM_TAG = "premium"
-# smart_weighted_failover: weight share while recovering, by successes since the breaker
-# opened: none yet → 10%, 1-2 → 30%, 3-4 → 50%, 5 → fully recovered.
-RECOVERY_STAGES = (0.1, 0.3, 0.3, 0.5, 0.5)
 
 
 @dataclass(frozen=True, slots=True)
