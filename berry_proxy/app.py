@@ -1,9 +1,17 @@
-"""``create_app(config)``: the aiohttp application, its middlewares, routes and lifecycle."""
+"""``create_app(config)``: the aiohttp application, its middlewares, routes and lifecycle.
+
+The app also carries what aiohttp's connection handler must enforce for it
+(``handler_args``): idle keep-alive connections, and connections whose request headers
+have not all arrived, are closed after ``server.keepalive_timeout_seconds``; its own
+errors are logged through the redacting bridge of ``log.py``. Serve it with
+``server.GatewayRunner`` (which also answers those errors in the SPEC envelope).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,9 +19,10 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import keys, routing_views, status
-from .auth import Authenticator
+from .auth import Authenticator, declared_access
 from .config import Config
 from .health import HealthProber
 from .middlewares import MIDDLEWARES
@@ -21,6 +30,7 @@ from .mock import MockAdapter
 from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
 from .pool import BackendPool
 from .proxy import Proxy, handler
+from .request_body import defer_continue
 from .routing import Router
 from .upstream import Adapter, AzureAdapter, OpenAIAdapter
 
@@ -51,7 +61,15 @@ def create_app(
     ``health_checks=False`` leaves the background prober off (tests then call
     ``app[keys.PROBER].probe_once()`` themselves).
     """
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=config.server.max_body_bytes)
+    server = config.server
+    app = web.Application(
+        middlewares=MIDDLEWARES,
+        client_max_size=server.max_body_bytes,
+        handler_args={
+            "keepalive_timeout": server.keepalive_timeout_seconds,
+            "logger": logging.getLogger("berry_proxy.http"),
+        },
+    )
     pool = BackendPool(config, clock, wall_clock)
     app[keys.CONFIG] = config
     app[keys.CLOCK] = clock
@@ -76,7 +94,11 @@ def create_app(
         jitter_rng = random.Random(router.rng.getrandbits(64))  # noqa: S311  # not cryptography
         prober = HealthProber(pool, adapters, config.settings, jitter_rng)
         app[keys.PROBER] = prober
-        probing = asyncio.create_task(prober.run(), name="health-prober") if health_checks else None
+        probing = (
+            asyncio.create_task(prober.run_forever(), name="health-prober")
+            if health_checks
+            else None
+        )
         yield
         if probing is not None:
             probing.cancel()
@@ -85,19 +107,29 @@ def create_app(
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
-
-    app.router.add_post("/v1/chat/completions", handler(CHAT))
-    app.router.add_post("/v1/completions", handler(COMPLETIONS))
-    app.router.add_post("/v1/embeddings", handler(EMBEDDINGS))
-    app.router.add_get("/v1/models", status.v1_models)
-    # Model ids may contain "/" (e.g. meta-llama/Llama-3.1-8B).
-    app.router.add_get("/v1/models/{model:.+}", status.v1_model)
-    app.router.add_get("/v1/health", status.v1_health)
-    app.router.add_get("/models", status.models_overview)
-    app.router.add_get("/health", status.health)
-    app.router.add_get("/admin/model-weights", routing_views.model_weights)
-    app.router.add_get("/admin/backend-health", routing_views.backend_health)
-    app.router.add_get("/admin/system-stats", routing_views.system_stats)
-    app.router.add_get("/smart-ai/weights", routing_views.smart_ai_weights)
-    app.router.add_get("/smart-ai/models/{model:.+}/weights", routing_views.smart_ai_model_weights)
+    add_routes(app)
     return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route, each with the expect handler that defers ``100 Continue``; refuses
+    (``UndeclaredAccess``) a handler that does not declare who may call it."""
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/v1/chat/completions", handler(CHAT)),
+        ("POST", "/v1/completions", handler(COMPLETIONS)),
+        ("POST", "/v1/embeddings", handler(EMBEDDINGS)),
+        ("GET", "/v1/models", status.v1_models),
+        # Model ids may contain "/" (e.g. meta-llama/Llama-3.1-8B).
+        ("GET", "/v1/models/{model:.+}", status.v1_model),
+        ("GET", "/v1/health", status.v1_health),
+        ("GET", "/models", status.models_overview),
+        ("GET", "/health", status.health),
+        ("GET", "/admin/model-weights", routing_views.model_weights),
+        ("GET", "/admin/backend-health", routing_views.backend_health),
+        ("GET", "/admin/system-stats", routing_views.system_stats),
+        ("GET", "/smart-ai/weights", routing_views.smart_ai_weights),
+        ("GET", "/smart-ai/models/{model:.+}/weights", routing_views.smart_ai_model_weights),
+    ]
+    for method, path, route_handler in routes:
+        declared_access(route_handler)
+        app.router.add_route(method, path, route_handler, expect_handler=defer_continue)

@@ -37,9 +37,20 @@ def access(level: Access) -> Callable[[_Handler], _Handler]:
     return mark
 
 
-def access_of(handler: object) -> Access:
-    level = getattr(handler, "berry_access", Access.PUBLIC)
-    return level if isinstance(level, Access) else Access.PUBLIC
+class UndeclaredAccess(Exception):
+    """A route's handler does not say who may call it."""
+
+
+def declared_access(handler: object) -> Access:
+    """The access level ``handler`` declares with ``@access``; raises if it has none.
+
+    Access fails closed: a handler nobody marked is never taken for public.
+    """
+    level = getattr(handler, "berry_access", None)
+    if not isinstance(level, Access):
+        name = getattr(handler, "__qualname__", repr(handler))
+        raise UndeclaredAccess(f"route handler {name} declares no access level (@access)")
+    return level
 
 
 class Authenticator:

@@ -7,8 +7,6 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from . import __version__
 from .config import Config, ConfigError, config_path_from_env, hash_token, load_config
 from .log import configure_logging, get_logger
@@ -66,6 +64,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve(path: str, host: str | None, port: int | None) -> int:
     from .app import create_app  # noqa: PLC0415  # check-config and hash-token stay light
+    from .server import serve as serve_app  # noqa: PLC0415  # likewise
 
     config = _load(path)
     if config is None:
@@ -81,17 +80,9 @@ def serve(path: str, host: str | None, port: int | None) -> int:
         providers=len(config.providers),
         models=len(config.models),
     )
-    web.run_app(
-        create_app(config),
-        host=host,
-        port=port,
-        access_log=None,
-        handler_cancellation=True,
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
         # On SIGTERM aiohttp stops accepting and lets in-flight requests finish this long.
-        shutdown_timeout=config.server.drain_timeout_seconds,
-        print=None,
-        loop=new_event_loop(),
-    )
+        runner.run(serve_app(create_app(config), host, port, config.server.drain_timeout_seconds))
     return 0
 
 

@@ -27,6 +27,15 @@ BILLING_MODES = ("per_token", "per_request")
 MIN_TOKEN_LENGTH = 16
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_TOTAL_TIMEOUT_SECONDS = 600.0
+# A non-stream upstream answer larger than this (after decompression) is a protocol
+# failure. Generous on purpose: 2048 float embeddings of 1536 dimensions are ~60 MB of JSON.
+DEFAULT_MAX_RESPONSE_BYTES = 128 * 1024 * 1024
+# Pending stream bytes without an event boundary; past this the attempt is a protocol
+# failure (an upstream that never ends a line must not fill memory).
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+# High enough that ordinary load never queues: each slot is one upstream socket, and the
+# systemd unit allows 65536 open files.
+DEFAULT_MAX_CONNECTIONS = 4096
 
 
 class ConfigError(Exception):
@@ -44,6 +53,11 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     public_status: bool = True
     drain_timeout_seconds: float = 30.0
+    # An idle keep-alive connection, and a connection whose request headers have not all
+    # arrived, is closed after this long.
+    keepalive_timeout_seconds: float = 15.0
+    # The whole request body must arrive within this long after its headers.
+    body_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +77,10 @@ class ProviderConfig:
     id: str
     name: str
     type: str
-    base_url: str
-    api_key: str = ""
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Secrets and upstream addresses never appear in a repr (logs, tracebacks).
+    base_url: str = field(repr=False)
+    api_key: str = field(default="", repr=False)
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), repr=False)
     enabled: bool = True
     models: tuple[str, ...] = ()
     connect_timeout_seconds: float = 10.0
@@ -74,7 +89,12 @@ class ProviderConfig:
     # None means "not set": non-streaming requests then use DEFAULT_TOTAL_TIMEOUT_SECONDS
     # and streams are unbounded (long generations must not be cut).
     total_timeout_seconds: float | None = None
-    max_connections: int = 100
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # How long a request waits for a free connection slot (never longer than the connect
+    # timeout) before it fails over or gets 503 upstream_saturated.
+    pool_timeout_seconds: float = 1.0
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
     max_retries: int | None = None
     api_version: str = "2024-10-21"
     mock: MockConfig = field(default_factory=MockConfig)
@@ -114,7 +134,7 @@ class UserConfig:
     id: str
     name: str
     # The sha256 digest of the token; the raw token is never kept.
-    token_sha256: bytes
+    token_sha256: bytes = field(repr=False)
     enabled: bool = True
     # Model ids (config keys); empty means every model.
     allowed_models: tuple[str, ...] = ()
@@ -163,7 +183,8 @@ class Settings:
 @dataclass(frozen=True, slots=True)
 class RateLimitStoreConfig:
     backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # May carry a password.
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "berry:"
 
 

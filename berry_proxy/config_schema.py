@@ -86,6 +86,8 @@ class ServerSchema(_Strict):
     max_body_bytes = StrictInteger(validate=validate.Range(min=1024))
     public_status = StrictBoolean()
     drain_timeout_seconds = StrictFloat(validate=validate.Range(min=0))
+    keepalive_timeout_seconds = _positive()
+    body_timeout_seconds = _positive()
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:
@@ -132,6 +134,9 @@ class ProviderSchema(_Strict):
     idle_timeout_seconds = _positive()
     total_timeout_seconds = _positive(allow_none=True)
     max_connections = StrictInteger(validate=validate.Range(min=1))
+    pool_timeout_seconds = _positive()
+    max_response_bytes = StrictInteger(validate=validate.Range(min=1024))
+    max_event_bytes = StrictInteger(validate=validate.Range(min=1024))
     max_retries = StrictInteger(validate=validate.Range(min=1))
     api_version = fields.String(validate=validate.Length(min=1))
     mock = fields.Nested(MockSchema)

@@ -9,12 +9,16 @@ The tree (status, ``type``)::
 
     GatewayError
     ├── InvalidRequest          400 invalid_request   missing_parameter, invalid_parameter,
-    │                                                 invalid_json, invalid_model
+    │                                                 invalid_json, invalid_model,
+    │                                                 invalid_body, invalid_http
     ├── AuthenticationFailed    401 authentication_error  missing_token, invalid_token
     ├── PermissionDenied        403 permission_error  model_not_allowed, admin_required
     ├── NotFound                404 invalid_request   not_found, model_not_found
     ├── MethodNotAllowed        405 invalid_request   method_not_allowed
+    ├── RequestTimeout          408 invalid_request   request_timeout
     ├── RequestTooLarge         413 invalid_request   request_too_large
+    ├── ExpectationFailed       417 invalid_request   expectation_failed
+    ├── HeadersTooLarge         431 invalid_request   request_headers_too_large
     ├── RateLimited             429 rate_limit_error  rate_limit_exceeded, upstream_rate_limited
     ├── InternalError           500 service_error     internal_error
     ├── UpstreamError           502 service_error     upstream_error
@@ -24,18 +28,26 @@ The tree (status, ``type``)::
 
 Upstream trouble is described separately by ``UpstreamFailure`` (what went wrong with one
 attempt, classified once by ``FailureKind``); the proxy turns the attempts' failures into
-one client-facing ``GatewayError`` with ``error_for_failures``.
+one client-facing ``GatewayError`` with ``error_for_failures``. ``upstream_errors`` is the
+one place where transport exceptions become failures.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NoReturn
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
+
+# An upstream's Retry-After is passed on (and obeyed) for at most this long: a provider
+# asking for a billion seconds must not take itself out of rotation for good.
+MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
 class GatewayError(Exception):
@@ -43,6 +55,9 @@ class GatewayError(Exception):
 
     status: int = 500  # an instance may narrow it (e.g. a mapped aiohttp HTTP error)
     type: ClassVar[str] = "service_error"
+    # The connection cannot carry another request after this answer (e.g. a request body
+    # that was not read to its end): the response closes it.
+    close_connection: bool = False
 
     def __init__(
         self,
@@ -100,8 +115,24 @@ class MethodNotAllowed(GatewayError):
     type = "invalid_request"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request"
+    close_connection = True
+
+
 class RequestTooLarge(GatewayError):
     status = 413
+    type = "invalid_request"
+
+
+class ExpectationFailed(GatewayError):
+    status = 417
+    type = "invalid_request"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
     type = "invalid_request"
 
 
@@ -177,6 +208,18 @@ class UpstreamFailure(Exception):
         self.status = status
         self.retry_after = retry_after
 
+    def detach(self) -> UpstreamFailure:
+        """This failure without its traceback and chained exceptions; returns itself.
+
+        A caught failure's traceback holds the frames of the attempt it ended, and with
+        them the attempt's buffers. Detached, it can be kept for the final error without
+        keeping those alive, and without a reference cycle only a full GC could break.
+        """
+        self.__traceback__ = None
+        self.__context__ = None
+        self.__cause__ = None
+        return self
+
 
 def failure_for_status(status: int, retry_after: float | None = None) -> UpstreamFailure | None:
     """The failure an upstream status means, or None when the answer goes to the client.
@@ -224,17 +267,54 @@ def map_upstream_exception(exc: BaseException, phase: str) -> UpstreamFailure | 
     return None
 
 
-def reraise_as_failure(exc: Exception, phase: str) -> NoReturn:
-    """Re-raise ``exc`` as the ``UpstreamFailure`` it means, or unchanged if none."""
+class upstream_errors:  # used like a function: ``with upstream_errors(...)``
+    """Context manager: a transport exception inside becomes the ``UpstreamFailure`` it
+    means (``map_upstream_exception``); anything else passes unchanged.
+
+    Wrap only the reading and sending of an upstream exchange, never a write to the
+    client: a departed client raises ``ConnectionResetError`` too, and it is not the
+    provider's fault. The failure is raised without chaining (``from None``) and without
+    binding it to a local of a frame its traceback holds, so it forms no reference cycle.
+    """
+
+    __slots__ = ("phase",)
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, UpstreamFailure) or not _is_transport_error(exc):
+            return
+        raise _transport_failure(exc, self.phase) from None
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
+
+
+def _transport_failure(exc: BaseException, phase: str) -> UpstreamFailure:
     failure = map_upstream_exception(exc, phase)
-    if failure is None or failure is exc:
-        raise exc
-    raise failure from exc
+    assert failure is not None  # noqa: S101  # _is_transport_error said so
+    return failure
 
 
-def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
-    """The one client-facing error for a request whose every attempt failed."""
-    attempts = len(failures)
+def error_for_failures(
+    failures: Sequence[UpstreamFailure], attempts: int | None = None
+) -> GatewayError:
+    """The one client-facing error for a request whose every attempt failed.
+
+    ``attempts`` counts the attempts actually sent (default: one per failure).
+    """
+    if attempts is None:
+        attempts = len(failures)
     if failures and all(f.kind is FailureKind.RATE_LIMIT for f in failures):
         waits = [f.retry_after for f in failures if f.retry_after is not None]
         # Rounded up: a client told to come back sooner than the upstream allows fails again.
@@ -246,11 +326,14 @@ def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
             headers={"Retry-After": str(retry_after)},
         )
     if failures and all(f.kind is FailureKind.SATURATED for f in failures):
+        # Each saturated provider estimated when a slot should free up; the soonest wins.
+        waits = [f.retry_after for f in failures if f.retry_after is not None]
+        retry_after = max(1, math.ceil(min(waits))) if waits else 1
         return ServiceUnavailable(
             "upstream_saturated",
             "Every connection to this model's providers is busy; retry shortly",
-            details={"attempts": attempts},
-            headers={"Retry-After": "1"},
+            details={"attempts": attempts, "retry_after": retry_after},
+            headers={"Retry-After": str(retry_after)},
         )
     if failures and all(f.kind is FailureKind.TIMEOUT for f in failures):
         return UpstreamTimeout(
@@ -268,12 +351,29 @@ def error_for_failures(failures: Sequence[UpstreamFailure]) -> GatewayError:
     )
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds form only)."""
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header, delta-seconds or HTTP-date (RFC 9110 §10.2.3),
+    capped at ``MAX_RETRY_AFTER_SECONDS``; None when absent or unreadable.
+
+    ``now`` is the wall clock (seconds since the epoch) a date is measured from.
+    """
     if not value:
         return None
+    seconds: float | None
     try:
         seconds = float(value)
     except ValueError:
+        seconds = _seconds_until(value, time.time() if now is None else now)
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return min(seconds, MAX_RETRY_AFTER_SECONDS)
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    try:
+        when = parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is taken as such
+        return None
+    return max(0.0, when.timestamp() - now)

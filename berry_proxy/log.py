@@ -3,6 +3,12 @@
 The access log is one canonical line per request, written from the request's
 ``RequestContext``; its fields are chosen explicitly, so tokens, API keys, upstream URLs
 and prompt text never reach it.
+
+Libraries log through the standard ``logging`` module (aiohttp, asyncio). Those records are
+rendered as the same one-line JSON objects, from their message template and the name of
+their exception only: a record's arguments and an exception's text can quote request
+bytes (aiohttp's parser errors quote the offending header, a bearer token included), so
+neither is ever written.
 """
 
 from __future__ import annotations
@@ -18,7 +24,21 @@ import structlog
 import structlog.tracebacks
 
 
+class _StdlibBridge(logging.Handler):
+    """Writes a standard ``logging`` record as one structlog JSON line, redacted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        fields: dict[str, Any] = {"logger": record.name, "template": template}
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__
+        structlog.get_logger(record.name).log(record.levelno, "library_log", **fields)
+
+
 def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_StdlibBridge()]
+    root.setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -5,7 +5,9 @@ All three run in one middleware (``gateway``), each concern in its own function:
   written when it ends (also when the client left early);
 - ``shape_error`` turns every exception into the SPEC's JSON error envelope, including
   aiohttp's own 404/405/413, and hides tracebacks behind a logged 500;
-- ``authorize`` enforces the ``Access`` level the matched handler declares.
+- ``authorize`` enforces the ``Access`` level the matched handler declares (every route
+  declares one: ``app.py`` refuses to start otherwise, and an undeclared handler here
+  would be refused, not served).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import keys
-from .auth import Access, access_of, require_admin
+from .auth import Access, declared_access, require_admin
 from .context import RequestContext, request_id_from
 from .errors import (
     GatewayError,
@@ -28,6 +30,7 @@ from .errors import (
     RequestTooLarge,
 )
 from .log import get_logger
+from .response_headers import SERVER
 
 access_log = get_logger("berry_proxy.access")
 error_log = get_logger("berry_proxy.errors")
@@ -56,8 +59,10 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx.status = response.status
         if not response.prepared:
             # Every response carries its request id. A handler that prepares (streams) a
-            # response itself sets the header before doing so (see proxy._served_by).
-            response.headers["X-Request-ID"] = ctx.request_id
+            # response itself sets these before doing so (response_headers.served_by).
+            headers = response.headers
+            headers["X-Request-ID"] = ctx.request_id
+            headers["Server"] = SERVER
         return response
     except asyncio.CancelledError:
         ctx.abort_reason = ctx.abort_reason or "client_disconnected"
@@ -67,12 +72,15 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def error_response(error: GatewayError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         body=error.body(),
         status=error.status,
         content_type="application/json",
         headers=error.headers,
     )
+    if error.close_connection:
+        response.force_close()
+    return response
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> GatewayError:
@@ -124,7 +132,10 @@ def shape_error(exc: Exception, request: web.Request, ctx: RequestContext) -> we
 
 def authorize(request: web.Request, ctx: RequestContext) -> None:
     """Enforce the ``Access`` level the matched handler declares (401/403 otherwise)."""
-    level = access_of(request.match_info.handler)
+    match_info = request.match_info
+    if match_info.http_exception is not None:
+        return  # no route matched: aiohttp's 404/405 handler raises, for anyone
+    level = declared_access(match_info.handler)
     if level is Access.STATUS:
         public = request.app[keys.CONFIG].server.public_status
         level = Access.PUBLIC if public else Access.ADMIN

@@ -5,6 +5,9 @@ latency before the first byte, number of stream chunks, delay between chunks, an
 failure rate drawn from a seeded RNG. The same request always gets the same words back;
 the reply never repeats the prompt. Responses have the exact shape of OpenAI's chat
 completion, completion, embedding and stream chunk objects.
+
+Like the gateway, it decodes a request only to its top level (``openai_request``): a huge
+prompt is hashed as bytes, never built into objects.
 """
 
 from __future__ import annotations
@@ -17,12 +20,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import orjson
 
 from .config import ProviderConfig
-from .upstream import Adapter, UpstreamResponse
+from .errors import InvalidRequest
+from .openai_request import decode_top_level, member_value
+from .upstream import Adapter, UpstreamResponse, response_too_large
 
 Sleep = Callable[[float], Awaitable[None]]
+Members = dict[str, msgspec.Raw]
 
 _VOCABULARY = (
     "berry", "proxy", "routes", "every", "request", "to", "a", "healthy", "backend",
@@ -31,6 +38,8 @@ _VOCABULARY = (
 )  # fmt: skip
 MAX_REPLY_WORDS = 24
 SSE_DONE = b"data: [DONE]\n\n"
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
 
 
 def sse_event(payload: Any) -> bytes:
@@ -55,9 +64,11 @@ class MockResponse(UpstreamResponse):
         self._chunk_delay = chunk_delay
         self._sleep = sleep
 
-    async def read(self) -> bytes:
+    async def read(self, limit: int) -> bytes:
         rest = b"".join(self._parts[self._next :])
         self._next = len(self._parts)
+        if len(rest) > limit:
+            raise response_too_large(limit)
         return rest
 
     async def read_chunk(self) -> bytes:
@@ -127,19 +138,15 @@ class MockAdapter(Adapter):
         self,
         endpoint: str,
         backend_model: str,
-        body: bytes,
+        body: bytes | bytearray,
         headers: dict[str, str],
     ) -> UpstreamResponse:
         if self.settings.latency_seconds:
             await self._sleep(self.settings.latency_seconds)
         try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return _error(
-                400, "We could not parse the JSON body of your request.", "invalid_request_error"
-            )
-        if not isinstance(request, dict):
-            return _error(400, "The request body must be a JSON object.", "invalid_request_error")
+            request = decode_top_level(body)
+        except InvalidRequest as exc:
+            return _error(400, exc.message, "invalid_request_error")
         if self._rng.random() < self.settings.failure_rate:
             return _error(500, "The mock provider failed this request on purpose.", "server_error")
         if endpoint == "chat/completions":
@@ -153,11 +160,18 @@ class MockAdapter(Adapter):
     def models(self) -> list[str]:
         return list(self.provider.models)
 
-    def _completion(self, request: dict[str, Any], model: str, *, chat: bool) -> MockResponse:
-        prompt = orjson.dumps(request.get("messages" if chat else "prompt"))
+    def _completion(self, request: Members, model: str, *, chat: bool) -> MockResponse:
+        prompt = request.get("messages" if chat else "prompt") or b"null"
         digest = hashlib.sha256(prompt).digest()
         words_rng = random.Random(digest)  # noqa: S311  # same prompt, same reply
-        max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
+        try:
+            max_tokens = member_value(request, "max_tokens") or member_value(
+                request, "max_completion_tokens"
+            )
+            stream = member_value(request, "stream")
+            options = member_value(request, "stream_options")
+        except InvalidRequest as exc:
+            return _error(400, exc.message, "invalid_request_error")
         limit = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else MAX_REPLY_WORDS
         count = min(limit, MAX_REPLY_WORDS)
         words = [words_rng.choice(_VOCABULARY) for _ in range(count)]
@@ -165,8 +179,9 @@ class MockAdapter(Adapter):
         usage = _usage(max(1, len(prompt) // 4), count)
         ident = ("chatcmpl-" if chat else "cmpl-") + digest.hex()[:24]
         created = int(self._clock())
-        if request.get("stream") is True:
-            return self._stream(request, ident, created, model, words, finish, usage, chat=chat)
+        if stream is True:
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return self._stream(include_usage, ident, created, model, words, finish, usage, chat)
         text = " ".join(words)
         if chat:
             choice: dict[str, Any] = {
@@ -191,18 +206,15 @@ class MockAdapter(Adapter):
 
     def _stream(
         self,
-        request: dict[str, Any],
+        include_usage: bool,
         ident: str,
         created: int,
         model: str,
         words: list[str],
         finish: str,
         usage: dict[str, int],
-        *,
         chat: bool,
     ) -> MockResponse:
-        options = request.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
         base = {
             "id": ident,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -231,9 +243,18 @@ class MockAdapter(Adapter):
             200, "text/event-stream", events, self.settings.chunk_delay_seconds, self._sleep
         )
 
-    def _embeddings(self, request: dict[str, Any], model: str) -> MockResponse:
-        raw = request.get("input")
+    def _embeddings(self, request: Members, model: str) -> MockResponse:
+        try:
+            raw = _input_value(request)
+        except InvalidRequest as exc:
+            return _error(400, exc.message, "invalid_request_error")
         inputs = raw if isinstance(raw, list) else [raw]
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            return _error(
+                400,
+                f"'input' must have at most {MAX_EMBEDDING_INPUTS} items.",
+                "invalid_request_error",
+            )
         data = []
         tokens = 0
         for index, item in enumerate(inputs):
@@ -254,6 +275,20 @@ class MockAdapter(Adapter):
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+
+# The mock embeds inputs of at most this many bytes of JSON (a real model's context is
+# far smaller); it decodes the input to count and embed its items.
+MAX_EMBEDDING_INPUT_BYTES = 8 * 1024 * 1024
+
+
+def _input_value(request: Members) -> Any:
+    raw = request.get("input")
+    if raw is not None and len(raw) > MAX_EMBEDDING_INPUT_BYTES:
+        raise InvalidRequest(
+            "invalid_parameter", f"'input' is larger than {MAX_EMBEDDING_INPUT_BYTES} bytes"
+        )
+    return None if raw is None else msgspec.json.decode(raw)
 
 
 def _vector(seed: bytes, dimensions: int) -> list[float]:

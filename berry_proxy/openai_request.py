@@ -1,21 +1,38 @@
 """The OpenAI request bodies the gateway serves, and the little it must know of them.
 
-The hot path validates by hand only the fields the gateway must understand (model, the
-required input, the documented ranges of the sampling fields, stream options); every other
-field passes through untouched. The body sent upstream is the client's own bytes whenever
-nothing needs rewriting.
+A body is decoded only to its top level: each top-level member stays its raw JSON bytes
+(``msgspec.Raw``, a view into the body), and only the handful of small members the gateway
+must understand are decoded further (``model``, the sampling fields, the counts, ``stream``
+and ``stream_options``). The whole body is still validated as JSON in the same pass, but a
+32 MiB array of tiny objects never becomes millions of Python objects: decoding it costs
+one pass over its bytes and no memory beyond the body itself.
+
+The body sent upstream is the client's own bytes whenever nothing needs rewriting;
+otherwise the top level is rebuilt from the raw members with only ``model`` (and the usage
+opt-in of ``stream_options``) replaced, so every other member goes upstream byte for byte.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import orjson
 
 from .errors import InvalidRequest, invalid_parameter, missing_parameter
+
+Body = bytes | bytearray
+
+# Members decoded into Python values are at most this large; a bigger value of a field
+# that must be a number, a boolean, a short string or a small object is a bad request, and
+# decoding it could build a large object tree.
+MAX_DECODED_MEMBER_BYTES = 64 * 1024
+
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_VALUE = msgspec.json.Decoder()
+_EMPTY_ARRAY = re.compile(rb"\[\s*\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,31 +56,68 @@ _RANGES: dict[str, tuple[float, float]] = {
 _POSITIVE_INTS = ("n", "max_tokens", "max_completion_tokens")
 
 
-def parse_request(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
-    """The request body as a dict, or a 400 naming the first bad field."""
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """A validated request body: its bytes, its top-level members, what the gateway read."""
+
+    raw: Body
+    members: dict[str, msgspec.Raw]
+    model: str
+    stream: bool  # the client asked for a stream (and the endpoint streams)
+    stream_options: dict[str, Any] | None
+
+    @property
+    def wants_usage(self) -> bool:
+        options = self.stream_options
+        return options is not None and options.get("include_usage") is True
+
+
+def decode_top_level(raw: Body) -> dict[str, msgspec.Raw]:
+    """The body's top-level members as raw JSON, or a 400 ``invalid_json``.
+
+    Validates the whole document (syntax, UTF-8) without building its values.
+    """
     if not raw.strip():
         raise InvalidRequest("invalid_json", "The request body must be a JSON object")
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("invalid_json", "The request body is not valid UTF-8") from None
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("invalid_json", f"The request body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("invalid_json", "The request body must be a JSON object")
-    model = body.get("model")
+        return _TOP_LEVEL.decode(raw)
+    except msgspec.ValidationError:
+        raise InvalidRequest("invalid_json", "The request body must be a JSON object") from None
+    except msgspec.DecodeError as exc:
+        # msgspec's messages name the problem and a byte offset, never the content.
+        raise InvalidRequest("invalid_json", f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(
+            "invalid_json", "The request body is nested too deeply to be a sane request"
+        ) from None
+
+
+def member_value(members: dict[str, msgspec.Raw], name: str) -> Any:
+    """The decoded value of a small top-level member (None when absent or null)."""
+    raw = members.get(name)
+    if raw is None:
+        return None
+    if len(raw) > MAX_DECODED_MEMBER_BYTES:
+        raise invalid_parameter(name, f"is larger than {MAX_DECODED_MEMBER_BYTES} bytes")
+    return _VALUE.decode(raw)
+
+
+def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
+    """The validated request, or a 400 naming the first bad field."""
+    members = decode_top_level(raw)
+    model = member_value(members, "model")
     if model is None:
         raise missing_parameter("model")
     if not isinstance(model, str) or not model:
         raise invalid_parameter("model", "must be a non-empty string")
-    required = body.get(endpoint.required)
-    if required is None:
-        raise missing_parameter(endpoint.required)
-    if endpoint is CHAT:
-        if not isinstance(required, list) or not required:
-            raise invalid_parameter("messages", "must be a non-empty array of messages")
-    elif not isinstance(required, str | list):
-        raise invalid_parameter(endpoint.required, "must be a string or an array")
+    _check_required(members, endpoint)
     for name, (low, high) in _RANGES.items():
-        value = body.get(name)
+        value = member_value(members, name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -71,36 +125,52 @@ def parse_request(raw: bytes, endpoint: Endpoint) -> dict[str, Any]:
         if not low <= value <= high:
             raise invalid_parameter(name, f"must be between {low:g} and {high:g}")
     for name in _POSITIVE_INTS:
-        value = body.get(name)
+        value = member_value(members, name)
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise invalid_parameter(name, "must be a positive integer")
-    stream = body.get("stream")
+    stream = member_value(members, "stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid_parameter("stream", "must be a boolean")
-    options = body.get("stream_options")
+    options = member_value(members, "stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_parameter("stream_options", "must be an object")
-    return body
+    return OpenAIRequest(
+        raw=raw,
+        members=members,
+        model=model,
+        stream=endpoint.streams and stream is True,
+        stream_options=options,
+    )
 
 
-def wants_usage(body: Mapping[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
+def _check_required(members: dict[str, msgspec.Raw], endpoint: Endpoint) -> None:
+    """The endpoint's input member is present and of the right kind, judged by its bytes."""
+    name = endpoint.required
+    raw = members.get(name)
+    view = None if raw is None else memoryview(raw)
+    if view is None or (len(view) == 4 and view.tobytes() == b"null"):
+        raise missing_parameter(name)
+    first = view[:1].tobytes()
+    if endpoint is CHAT:
+        if first != b"[" or _EMPTY_ARRAY.fullmatch(view):
+            raise invalid_parameter("messages", "must be a non-empty array of messages")
+    elif first not in (b"[", b'"'):
+        raise invalid_parameter(name, "must be a string or an array")
 
 
-def upstream_body(raw: bytes, body: dict[str, Any], backend_model: str, add_usage: bool) -> bytes:
+def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -> Body:
     """The client's request for this backend: only ``model`` (and usage opt-in) rewritten."""
-    if body["model"] == backend_model and not add_usage:
-        return raw
-    rewritten = dict(body, model=backend_model)
+    if request.model == backend_model and not add_usage:
+        return request.raw
+    members = dict(request.members)
+    members["model"] = msgspec.Raw(orjson.dumps(backend_model))
     if add_usage:
-        options = body.get("stream_options") or {}
-        rewritten["stream_options"] = {**options, "include_usage": True}
-    try:
-        return orjson.dumps(rewritten)
-    except orjson.JSONEncodeError:
-        # orjson reads deeper nesting than it writes (1024 vs 254 levels); the standard
-        # library writes whatever was read.
-        return json.dumps(rewritten, ensure_ascii=False, separators=(",", ":")).encode()
+        options = {**(request.stream_options or {}), "include_usage": True}
+        members["stream_options"] = msgspec.Raw(orjson.dumps(options))
+    parts: list[Any] = [b"{"]
+    for name, value in members.items():
+        parts += (orjson.dumps(name), b":", value, b",")
+    parts[-1] = b"}"
+    return b"".join(parts)

@@ -1,9 +1,16 @@
 """Runtime state of providers and backends, and how outcomes update it.
 
 The config is frozen; everything that changes while serving (request counts, latency,
-breaker, probe results, SmartAI confidence, recovery stage, rate-limit cool-down) lives
-here. The router, the health prober and every status view read these same objects, so
-what an endpoint shows is what routing does.
+breakers, probe results, SmartAI confidence, recovery stage, rate-limit cool-down,
+connection slots) lives here. The router, the health prober and every status view read
+these same objects, so what an endpoint shows is what routing does.
+
+Two breakers guard each backend (SPEC §5 "Breaker evidence"): its provider's, charged by
+connection-level failures (connect, reset, timeout, a rejected provider key), and its
+own, shared by every backend of the same provider and upstream model, charged by answers
+that say the model is broken (5xx, a malformed answer). So one model's 500s never take
+the provider's other models out. One request charges each breaker at most once, however
+many attempts it makes there (``Evidence``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .breaker import BreakerState, CircuitBreaker, Ticket
 from .config import BackendConfig, Config, ModelConfig, ProviderConfig, UserConfig
@@ -29,18 +37,15 @@ log = get_logger("berry_proxy.pool")
 RECOVERY_STAGES = (0.1, 0.3, 0.3, 0.5, 0.5)
 # Weight of the newest sample in the exponentially weighted moving latency average.
 LATENCY_EWMA_ALPHA = 0.3
-# Failures that say something about the provider, and so count against its breaker.
-# A 429 means "busy, come back later" (handled by the Retry-After cool-down, and by
-# SmartAI's rate-limit penalty), not "broken"; saturation is the gateway's own limit.
-BREAKER_FAILURES = frozenset(
-    {
-        FailureKind.NETWORK,
-        FailureKind.TIMEOUT,
-        FailureKind.SERVER,
-        FailureKind.AUTH,
-        FailureKind.PROTOCOL,
-    }
-)
+# Failures that say the provider cannot be reached or refuses its key: its breaker.
+PROVIDER_FAILURES = frozenset({FailureKind.NETWORK, FailureKind.TIMEOUT, FailureKind.AUTH})
+# Answers that say one upstream model is broken: the backend's breaker. The provider did
+# answer, so for its breaker such an attempt is a success. Neither breaker counts a 429
+# ("busy, come back later": the Retry-After cool-down and SmartAI's rate-limit penalty
+# handle it) or saturation (the gateway's own limit).
+BACKEND_FAILURES = frozenset({FailureKind.SERVER, FailureKind.PROTOCOL})
+# Weight of the newest hold time in a provider's average connection-slot hold time.
+HOLD_EWMA_ALPHA = 0.2
 
 
 @dataclass(slots=True)
@@ -98,8 +103,17 @@ class ProviderState:
     last_check: float | None = None  # wall-clock seconds of the last probe
     probe_ok: bool | None = None  # None: never probed
     probe_error: str | None = None
+    # Monotonic time of the next scheduled probe (None: not probed, or not scheduled yet).
+    next_probe_at: float | None = None
     # Monotonic time before which the provider asked not to be called (429 Retry-After).
     cooldown_until: float = 0.0
+    # Connection slots: held now, requests waiting for one, how long one is held on
+    # average (seconds; None until one was released), and how often none freed in time.
+    in_flight: int = 0
+    waiting: int = 0
+    hold_ewma: float | None = None
+    saturations: int = 0
+    last_saturation_log: float = float("-inf")
 
     @property
     def id(self) -> str:
@@ -135,6 +149,9 @@ class Backend:
     provider: ProviderState
     index: int  # position in the model's backend list: a stable key for strategies
     confidence: Confidence
+    # The upstream model's own breaker, shared with every backend of the same provider
+    # and upstream model (whichever public models they serve).
+    breaker: CircuitBreaker
     stats: Stats = field(default_factory=Stats)
     # smart_weighted_failover: successes since the provider's breaker last opened;
     # None once fully recovered.
@@ -147,13 +164,55 @@ class Backend:
 
     @property
     def healthy(self) -> bool:
-        return self.config.enabled and self.provider.healthy
+        return (
+            self.config.enabled
+            and self.provider.healthy
+            and self.breaker.state is not BreakerState.OPEN
+        )
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The stricter of the provider's and the model's breaker: open if either is."""
+        provider, own = self.provider.breaker.state, self.breaker.state
+        if BreakerState.OPEN in (provider, own):
+            return BreakerState.OPEN
+        if BreakerState.HALF_OPEN in (provider, own):
+            return BreakerState.HALF_OPEN
+        return BreakerState.CLOSED
+
+    def available(self) -> bool:
+        """May an attempt be sent now, as far as both breakers are concerned?"""
+        return self.provider.breaker.available() and self.breaker.available()
 
     def serves_tags(self, user_tags: Sequence[str]) -> bool:
         """A tagged user reaches backends sharing one of its tags, or untagged ones."""
         if not user_tags or not self.config.tags:
             return True
         return any(tag in self.config.tags for tag in user_tags)
+
+
+class Admission(NamedTuple):
+    """Both breakers' tickets for one attempt (see ``CircuitBreaker.acquire``)."""
+
+    provider: Ticket
+    backend: Ticket
+
+
+class Evidence:
+    """What one request has already charged: each breaker, and each backend's SmartAI
+    confidence, at most once however many attempts the request makes."""
+
+    __slots__ = ("charged",)
+
+    def __init__(self) -> None:
+        self.charged: set[object] = set()
+
+    def first(self, target: object) -> bool:
+        """True the first time ``target`` is charged by this request."""
+        if target in self.charged:
+            return False
+        self.charged.add(target)
+        return True
 
 
 class BackendPool:
@@ -178,9 +237,17 @@ class BackendPool:
             )
             for pid, p in config.providers.items()
         }
+        self.model_breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self.backends: dict[str, tuple[Backend, ...]] = {
             mid: tuple(
-                Backend(m, b, self.providers[b.provider], i, Confidence(settings.smart_ai, now))
+                Backend(
+                    m,
+                    b,
+                    self.providers[b.provider],
+                    i,
+                    Confidence(settings.smart_ai, now),
+                    self._model_breaker(b),
+                )
                 for i, b in enumerate(m.backends)
             )
             for mid, m in config.models.items()
@@ -188,6 +255,20 @@ class BackendPool:
         self.model_stats = {mid: Stats() for mid in config.models}
         self.in_flight = 0
         self.total_requests = 0
+        # Called with a provider whose breaker just opened (the prober re-probes it soon).
+        self.on_provider_opened: Callable[[ProviderState], None] | None = None
+
+    def _model_breaker(self, backend: BackendConfig) -> CircuitBreaker:
+        key = (backend.provider, backend.model)
+        breaker = self.model_breakers.get(key)
+        if breaker is None:
+            settings = self.config.settings
+            breaker = self.model_breakers[key] = CircuitBreaker(
+                settings.circuit_breaker_failure_threshold,
+                settings.circuit_breaker_timeout_seconds,
+                self.clock,
+            )
+        return breaker
 
     def all_backends(self) -> list[Backend]:
         return [b for backends in self.backends.values() for b in backends]
@@ -200,24 +281,34 @@ class BackendPool:
     # One attempt: begin, then one outcome (or none), then end
     # ----------------------------------------------------------------------------------
 
-    def begin(self, backend: Backend) -> Ticket | None:
-        """Claim an attempt on ``backend``; None when its breaker refuses one now."""
-        return backend.provider.breaker.acquire()
+    def begin(self, backend: Backend) -> Admission | None:
+        """Claim an attempt on ``backend``; None when either breaker refuses one now."""
+        provider = backend.provider.breaker.acquire()
+        if provider is None:
+            return None
+        own = backend.breaker.acquire()
+        if own is None:
+            backend.provider.breaker.release(provider)
+            return None
+        return Admission(provider, own)
 
-    def end(self, backend: Backend, ticket: Ticket) -> None:
+    def end(self, backend: Backend, admission: Admission) -> None:
         """The attempt is over; frees a half-open trial that recorded no outcome."""
-        backend.provider.breaker.release(ticket)
+        backend.provider.breaker.release(admission.provider)
+        backend.breaker.release(admission.backend)
 
-    def confirm_trial(self, backend: Backend, ticket: Ticket) -> None:
-        """A trial stream reached its first content: the provider works again.
+    def confirm_trial(self, backend: Backend, admission: Admission) -> None:
+        """A trial stream reached its first content: the provider and model work again.
 
-        Closing the breaker now, not when the stream ends minutes later, lets other
-        requests back in meanwhile. Only a trial ticket does anything here.
+        Closing the breakers now, not when the stream ends minutes later, lets other
+        requests back in meanwhile. Only trial tickets do anything here.
         """
-        if ticket.trial:
-            self._breaker_success(backend.provider, ticket)
+        if admission.provider.trial:
+            self._breaker_success(backend, backend.provider.breaker, admission.provider)
+        if admission.backend.trial:
+            self._breaker_success(backend, backend.breaker, admission.backend)
 
-    def record_success(self, backend: Backend, latency: float, ticket: Ticket) -> None:
+    def record_success(self, backend: Backend, latency: float, admission: Admission) -> None:
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
         backend.stats.record_success(latency, wall)
@@ -231,43 +322,63 @@ class BackendPool:
             backend.recovery_successes += 1
             if backend.recovery_successes >= len(RECOVERY_STAGES):
                 backend.recovery_successes = None
-        self._breaker_success(provider, ticket)
+        self._breaker_success(backend, provider.breaker, admission.provider)
+        self._breaker_success(backend, backend.breaker, admission.backend)
 
-    def record_failure(self, backend: Backend, failure: UpstreamFailure, ticket: Ticket) -> None:
+    def record_failure(
+        self,
+        backend: Backend,
+        failure: UpstreamFailure,
+        admission: Admission,
+        evidence: Evidence | None = None,
+    ) -> None:
+        """One failed attempt. With ``evidence`` (the request's), a breaker or a backend's
+        confidence this request already charged is not charged again."""
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
+        kind = failure.kind
         backend.stats.record_failure(failure.message, wall)
         provider.stats.record_failure(failure.message, wall)
-        backend.confidence.record(failure.kind, now)
-        if failure.kind is FailureKind.RATE_LIMIT and failure.retry_after:
+        if evidence is None or evidence.first(backend.confidence):
+            backend.confidence.record(kind, now)
+        if kind is FailureKind.RATE_LIMIT and failure.retry_after:
             provider.cooldown_until = max(provider.cooldown_until, now + failure.retry_after)
-        if failure.kind in BREAKER_FAILURES:
-            if backend.recovery_successes is not None:
-                backend.recovery_successes = 0
-            trips = provider.breaker.total_trips
-            provider.breaker.record_failure(ticket)
-            if provider.breaker.total_trips != trips:
-                self._opened(provider, failure.kind.value)
+        if kind in PROVIDER_FAILURES:
+            breaker, ticket = provider.breaker, admission.provider
+        elif kind in BACKEND_FAILURES:
+            # It answered: the provider is reachable and its key accepted.
+            self._breaker_success(backend, provider.breaker, admission.provider)
+            breaker, ticket = backend.breaker, admission.backend
+        else:
+            return
+        if backend.recovery_successes is not None:
+            backend.recovery_successes = 0
+        if evidence is not None and not evidence.first(breaker):
+            return
+        trips = breaker.total_trips
+        breaker.record_failure(ticket)
+        if breaker.total_trips != trips:
+            self._opened(backend, breaker, kind.value)
 
-    def _breaker_success(self, provider: ProviderState, ticket: Ticket) -> None:
-        breaker = provider.breaker
+    def _breaker_success(self, backend: Backend, breaker: CircuitBreaker, ticket: Ticket) -> None:
         was = breaker.state
         breaker.record_success(ticket)
         if was is BreakerState.HALF_OPEN and breaker.state is BreakerState.CLOSED:
-            self._closed(provider, "trial request succeeded")
+            self._closed(backend, breaker, "trial request succeeded")
 
     def record_probe(self, provider: ProviderState, error: str | None) -> None:
         """A health probe's result (``error`` None: it answered)."""
         provider.last_check = self.wall_clock()
         provider.probe_ok = error is None
         provider.probe_error = error
-        was = provider.breaker.state
-        trips = provider.breaker.total_trips
-        provider.breaker.record_probe(error is None)
+        breaker = provider.breaker
+        was = breaker.state
+        trips = breaker.total_trips
+        breaker.record_probe(error is None)
         if error is None and was is not BreakerState.CLOSED:
-            self._closed(provider, "recovery probe succeeded")
-        elif provider.breaker.total_trips != trips:
-            self._opened(provider, "probe_failed")
+            self._provider_closed(provider, "recovery probe succeeded")
+        elif breaker.total_trips != trips:
+            self._provider_opened(provider, "probe_failed")
 
     def record_model_outcome(self, model_id: str, ok: bool, latency: float) -> None:
         stats = self.model_stats[model_id]
@@ -277,22 +388,55 @@ class BackendPool:
         else:
             stats.record_failure("request failed", now)
 
-    def _opened(self, provider: ProviderState, reason: str) -> None:
-        for backend in self.all_backends():
-            if backend.provider is provider:
-                backend.recovery_successes = 0
+    def _sharing(self, breaker: CircuitBreaker) -> list[Backend]:
+        """Every backend ``breaker`` guards (a provider's, or one upstream model's)."""
+        return [
+            b for b in self.all_backends() if b.breaker is breaker or b.provider.breaker is breaker
+        ]
+
+    def _opened(self, backend: Backend, breaker: CircuitBreaker, reason: str) -> None:
+        if breaker is backend.provider.breaker:
+            self._provider_opened(backend.provider, reason)
+            return
+        for sharing in self._sharing(breaker):
+            sharing.recovery_successes = 0
+        log.warning(
+            "circuit_open",
+            provider=backend.provider.id,
+            model=backend.config.model,
+            reason=reason,
+            open_seconds=breaker.open_seconds,
+        )
+
+    def _closed(self, backend: Backend, breaker: CircuitBreaker, reason: str) -> None:
+        if breaker is backend.provider.breaker:
+            self._provider_closed(backend.provider, reason)
+            return
+        for sharing in self._sharing(breaker):
+            sharing.stats.consecutive_failures = 0
+        log.info(
+            "circuit_closed",
+            provider=backend.provider.id,
+            model=backend.config.model,
+            reason=reason,
+        )
+
+    def _provider_opened(self, provider: ProviderState, reason: str) -> None:
+        for backend in self._sharing(provider.breaker):
+            backend.recovery_successes = 0
         log.warning(
             "circuit_open",
             provider=provider.id,
             reason=reason,
             open_seconds=provider.breaker.open_seconds,
         )
+        if self.on_provider_opened is not None:
+            self.on_provider_opened(provider)
 
-    def _closed(self, provider: ProviderState, reason: str) -> None:
+    def _provider_closed(self, provider: ProviderState, reason: str) -> None:
         # The provider answers again: its backends' failure streaks are over.
-        for backend in self.all_backends():
-            if backend.provider is provider:
-                backend.stats.consecutive_failures = 0
+        for backend in self._sharing(provider.breaker):
+            backend.stats.consecutive_failures = 0
         provider.stats.consecutive_failures = 0
         log.info("circuit_closed", provider=provider.id, reason=reason)
 

@@ -1,10 +1,11 @@
 """Routing: which backends may serve one request, and in what order to try them.
 
-``Router.plan`` filters a model's backends (config, tags, breaker), asks the model's
+``Router.plan`` filters a model's backends (config, tags, breakers), asks the model's
 strategy for an order using the one effective-weight formula (``weights.weigh``), then
 applies two rules every strategy shares:
 
-- a backend whose breaker is half-open goes first: its single trial request decides
+- a backend whose breaker (its provider's or its own) is half-open goes first: its
+  single trial request decides
   whether it rejoins (nginx and Envoy likewise send live traffic as the trial). Not under
   ``failover``: a lower tier is tried only when the tiers above have failed, so a
   half-open backup keeps its place (recovery probes or a failing primary test it);
@@ -12,7 +13,8 @@ applies two rules every strategy shares:
   tried only when nothing else is left.
 
 When the breakers of every backend the user may use are open, ``plan`` fails fast with
-503 ``no_healthy_backends`` and a ``Retry-After`` of the soonest reopening.
+503 ``no_healthy_backends`` and a ``Retry-After`` of the soonest moment one could serve
+again: its breaker's reopening, or its provider's next health probe if that comes first.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class Router:
     def plan(self, model: ModelConfig, user: UserConfig) -> list[Backend]:
         """The attempt order for one request: eligible backends, most preferred first."""
         candidates = self.pool.candidates(model, user)
-        eligible = [b for b in candidates if b.provider.breaker.available()]
+        eligible = [b for b in candidates if b.available()]
         if not eligible:
             raise self.no_healthy_backends(model, candidates)
         if len(eligible) == 1:
@@ -62,7 +64,7 @@ class Router:
         trials = (
             []
             if model.strategy in TIERED_STRATEGIES
-            else [b for b in ordered if b.provider.breaker.state is BreakerState.HALF_OPEN]
+            else [b for b in ordered if b.breaker_state is BreakerState.HALF_OPEN]
         )
         cooling = [b for b in ordered if b.provider.cooldown_until > now and b not in trials]
         if not trials and not cooling:
@@ -73,13 +75,9 @@ class Router:
     def no_healthy_backends(
         self, model: ModelConfig, candidates: Sequence[Backend]
     ) -> ServiceUnavailable:
-        """503 for ``model``, retry after the soonest of ``candidates``' breakers reopens."""
+        """503 for ``model``, retry after the soonest of ``candidates`` could serve again."""
         now = self.pool.clock()
-        waits = [
-            b.provider.breaker.reopens_at - now
-            for b in candidates
-            if b.provider.breaker.state is BreakerState.OPEN
-        ]
+        waits = [back_in(b) - now for b in candidates]
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
         return ServiceUnavailable(
             "no_healthy_backends",
@@ -91,3 +89,18 @@ class Router:
             },
             headers={"Retry-After": str(retry_after)},
         )
+
+
+def back_in(backend: Backend) -> float:
+    """When ``backend`` could take a request again (clock seconds), as far as its open
+    breakers say: each one's reopening, or for the provider's the next health probe if it
+    comes sooner (a good probe closes it). Now or earlier when neither is open."""
+    when = float("-inf")
+    provider = backend.provider
+    if provider.breaker.state is BreakerState.OPEN:
+        reopens = provider.breaker.reopens_at
+        probe = provider.next_probe_at
+        when = reopens if probe is None else min(reopens, probe)
+    if backend.breaker.state is BreakerState.OPEN:
+        when = max(when, backend.breaker.reopens_at)
+    return when

@@ -44,7 +44,7 @@ async def model_weights(request: web.Request) -> web.Response:
                     "priority": b.config.priority,
                     "enabled": b.usable,
                     "healthy": b.healthy,
-                    "circuit_breaker_state": b.provider.breaker.state.value,
+                    "circuit_breaker_state": b.breaker_state.value,
                     "tags": list(b.config.tags),
                     "billing_mode": b.config.billing_mode,
                 }
@@ -63,7 +63,11 @@ async def backend_health(request: web.Request) -> web.Response:
             "model": b.config.model,
             "public_model": b.model.name,
             "healthy": b.healthy,
-            "circuit_breaker_state": b.provider.breaker.state.value,
+            "circuit_breaker_state": b.breaker_state.value,
+            # The two breakers behind it: connection-level (the provider's) and the
+            # upstream model's own (5xx and malformed answers).
+            "provider_circuit_breaker_state": b.provider.breaker.state.value,
+            "model_circuit_breaker_state": b.breaker.state.value,
             "consecutive_failures": b.stats.consecutive_failures,
             "total_requests": b.stats.total_requests,
             "failed_requests": b.stats.failed_requests,
@@ -100,6 +104,15 @@ async def system_stats(request: web.Request) -> web.Response:
         "in_flight": pool.in_flight,
         "total_requests": pool.total_requests,
         "models": {m.name: stats_view(pool.model_stats[m.id]) for m in config.models.values()},
+        "providers": {
+            pid: {
+                "in_flight": p.in_flight,
+                "max_connections": p.config.max_connections,
+                "waiting": p.waiting,
+                "saturations": p.saturations,
+            }
+            for pid, p in pool.providers.items()
+        },
         "timestamp": iso_timestamp(now),
     }
     return json_response(payload)
@@ -118,7 +131,7 @@ def _smart_ai_backends(router: Router, model: ModelConfig) -> list[dict[str, Any
             "stability_bonus": w.stability_bonus,
             "effective_weight": w.effective_weight,
             "healthy": b.healthy,
-            "circuit_breaker_state": b.provider.breaker.state.value,
+            "circuit_breaker_state": b.breaker_state.value,
             "latency_ewma_ms": (
                 None if b.stats.latency_ewma is None else b.stats.latency_ewma * 1000
             ),

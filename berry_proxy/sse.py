@@ -16,40 +16,87 @@ DONE_DATA = b"[DONE]"
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
+class EventTooLarge(Exception):
+    """More than the allowed bytes arrived without an event boundary."""
+
+
+# Longest boundary minus one: where a boundary cut across two chunks may begin.
+_BOUNDARY_TAIL = {False: 1, True: 3}
+
+
 class EventSplitter:
     """Feed raw chunks; take complete events one by one, or all of them as one block.
 
     Before the commit point the proxy looks at events one at a time (``pop``); after it, it
     forwards whole blocks (``take_block``) and looks inside only when a block holds
     something to act on. Events keep their exact bytes, blank-line ending included.
+
+    Linear in what it is fed: bytes not yet taken accumulate in one ``bytearray`` (never
+    ``rest + chunk``), and each search for a boundary starts where the previous one gave
+    up. A chunk that arrives when nothing is pending and ends on a boundary is handed back
+    as it is, without a copy. More than ``max_pending`` bytes without a boundary raise
+    ``EventTooLarge``: an upstream that never ends an event must not fill memory.
     """
 
-    __slots__ = ("_buffer", "_carriage_returns", "_position")
+    __slots__ = ("_buffer", "_carriage_returns", "_position", "_searched", "max_pending")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_pending: int = 1024 * 1024) -> None:
+        self._buffer: bytes | bytearray = b""
         self._position = 0  # start of the first event not yet taken
+        self._searched = 0  # no boundary starts before this offset (from _position)
         self._carriage_returns = False
+        self.max_pending = max_pending
 
     def push(self, chunk: bytes) -> None:
-        rest = self._buffer[self._position :] if self._position else self._buffer
-        self._buffer = rest + chunk if rest else chunk
-        self._position = 0
+        if self._position >= len(self._buffer):
+            self._buffer, self._position, self._searched = chunk, 0, 0
+        else:
+            buffer = self._buffer
+            if isinstance(buffer, bytes):
+                buffer = bytearray(memoryview(buffer)[self._position :])
+            elif self._position:
+                del buffer[: self._position]  # O(1): bytearray drops a prefix in place
+            self._position = 0
+            buffer += chunk
+            self._buffer = buffer
         # Almost every server ends events with "\n\n"; the slower search for the other
-        # endings is needed only when the data holds a "\r" at all.
-        self._carriage_returns = b"\r" in self._buffer
+        # endings is needed only once the data holds a "\r" at all.
+        if not self._carriage_returns and b"\r" in chunk:
+            self._carriage_returns = True
 
-    def pop(self) -> bytes | None:
-        """The next complete event, or None until more data arrives."""
-        data, start = self._buffer, self._position
+    def _find(self) -> tuple[int, int]:
+        """The next boundary at or after the search point: (offset, width), or (-1, 0)."""
+        data = self._buffer
+        start = self._position + self._searched
         if self._carriage_returns:
             end, width = _next_boundary(data, start)
         else:
             end, width = data.find(b"\n\n", start), 2
         if end < 0:
+            self._gave_up()
+        return end, width
+
+    def _gave_up(self) -> None:
+        """No boundary in what is pending: search only the new bytes next time."""
+        pending = len(self._buffer) - self._position
+        if pending > self.max_pending:
+            raise EventTooLarge(f"more than {self.max_pending} bytes without an event boundary")
+        self._searched = max(0, pending - _BOUNDARY_TAIL[self._carriage_returns])
+
+    def _slice(self, start: int, end: int) -> bytes:
+        buffer = self._buffer
+        if isinstance(buffer, bytes):
+            return buffer if start == 0 and end == len(buffer) else buffer[start:end]
+        return bytes(memoryview(buffer)[start:end])
+
+    def pop(self) -> bytes | None:
+        """The next complete event, or None until more data arrives."""
+        end, width = self._find()
+        if end < 0:
             return None
-        self._position = end + width
-        return data[start : end + width]
+        start = self._position
+        self._position, self._searched = end + width, 0
+        return self._slice(start, end + width)
 
     def take_block(self) -> bytes:
         """Every complete event not yet taken, as one block (often the chunk itself)."""
@@ -59,12 +106,20 @@ class EventSplitter:
                 events.append(event)
             return b"".join(events)
         data, start = self._buffer, self._position
-        end = data.rfind(b"\n\n", start)
+        end = data.rfind(b"\n\n", start + self._searched)
         if end < 0:
+            self._gave_up()
             return b""
         end += 2
         self._position = end
-        return data if start == 0 and end == len(data) else data[start:end]
+        # Nothing after the last boundary holds another: search only new bytes next time.
+        self._searched = max(0, len(data) - end - 1)
+        self._check_pending()
+        return self._slice(start, end)
+
+    def _check_pending(self) -> None:
+        if len(self._buffer) - self._position > self.max_pending:
+            raise EventTooLarge(f"more than {self.max_pending} bytes without an event boundary")
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Push ``chunk`` and take every complete event."""
@@ -82,10 +137,10 @@ class EventSplitter:
     @property
     def pending(self) -> bytes:
         """Bytes of an event that has not ended yet (and of events not yet taken)."""
-        return self._buffer[self._position :]
+        return bytes(self._buffer[self._position :])
 
 
-def _next_boundary(data: bytes, start: int) -> tuple[int, int]:
+def _next_boundary(data: bytes | bytearray, start: int) -> tuple[int, int]:
     best, width = data.find(b"\n\n", start), 2
     for boundary in _BOUNDARIES[1:]:
         found = data.find(boundary, start)

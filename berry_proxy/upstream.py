@@ -7,6 +7,10 @@ Each adapter knows its provider's URL layout and credentials (``openai``: bearer
 
 Transport exceptions are NOT mapped here; the proxy wraps each phase in
 ``errors.upstream_errors`` so that a departed client is never mistaken for a sick provider.
+
+Two safety nets live here too: a non-stream answer is read up to a byte limit
+(``UpstreamResponse.read``), and ``Redactor`` takes the provider's own credentials out of
+anything it sends back before a client sees it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .config import ProviderConfig
+from .errors import FailureKind, UpstreamFailure, failure_for_status, parse_retry_after
 
 # Request headers never forwarded upstream: hop-by-hop headers (RFC 9110 §7.6.1), the
 # client's credentials (the provider's key replaces them), values aiohttp recomputes, and
@@ -46,8 +51,17 @@ DROPPED_REQUEST_HEADERS = frozenset(
         "x-request-id",
         "openai-organization",
         "openai-project",
+        # Where the client is: none of a third-party provider's business.
+        "forwarded",
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "via",
     }
 )
+# Every X-Forwarded-* header (For, Host, Proto, Port, Prefix...) stays behind as well.
+DROPPED_REQUEST_PREFIX = "x-forwarded-"
 
 # Upstream response headers passed to the client: what describes the body, and OpenAI's
 # own informational headers. Everything else (hop-by-hop, cookies, the provider account's
@@ -74,7 +88,9 @@ def forwardable_request_headers(client_headers: Mapping[str, str]) -> dict[str, 
     return {
         k: v
         for k, v in client_headers.items()
-        if (lower := k.lower()) not in DROPPED_REQUEST_HEADERS and lower not in listed
+        if (lower := k.lower()) not in DROPPED_REQUEST_HEADERS
+        and lower not in listed
+        and not lower.startswith(DROPPED_REQUEST_PREFIX)
     }
 
 
@@ -92,9 +108,24 @@ class UpstreamResponse(abc.ABC):
     def content_type(self) -> str:
         return self.headers.get("Content-Type", "application/json")
 
+    def failure(self) -> UpstreamFailure | None:
+        """The failure this answer's status means; None when it goes to the client (a
+        success, or a 4xx that is the caller's fault)."""
+        status = self.status
+        if 300 <= status < 400:
+            # Following or forwarding a redirect could leak the upstream URL.
+            return UpstreamFailure(
+                FailureKind.PROTOCOL,
+                f"upstream answered with a redirect (HTTP {status})",
+                status=status,
+            )
+        if status < 400:
+            return None
+        return failure_for_status(status, parse_retry_after(self.headers.get("Retry-After")))
+
     @abc.abstractmethod
-    async def read(self) -> bytes:
-        """The whole body."""
+    async def read(self, limit: int) -> bytes:
+        """The whole body; a body larger than ``limit`` bytes is a PROTOCOL failure."""
 
     @abc.abstractmethod
     async def read_chunk(self) -> bytes:
@@ -117,8 +148,18 @@ class HttpUpstreamResponse(UpstreamResponse):
         self.status = response.status
         self.headers: CIMultiDictProxy[str] = response.headers
 
-    async def read(self) -> bytes:
-        return await self._response.read()
+    async def read(self, limit: int) -> bytes:
+        # aiohttp decompresses in bounded steps as it reads; the limit applies to what
+        # comes out, so a small gzip answer cannot inflate into gigabytes here.
+        content = self._response.content
+        parts: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise response_too_large(limit)
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def read_chunk(self) -> bytes:
         return await self._response.content.readany()
@@ -130,18 +171,63 @@ class HttpUpstreamResponse(UpstreamResponse):
         self._response.close()
 
 
+def response_too_large(limit: int) -> UpstreamFailure:
+    return UpstreamFailure(
+        FailureKind.PROTOCOL, f"upstream answer is larger than the limit of {limit} bytes"
+    )
+
+
+# Provider header names whose values are secrets (besides ``api_key``) when they contain
+# one of these words: ``Authorization``, ``X-Api-Key``, ``X-Auth-Token``...
+_SECRET_HEADER_WORDS = ("auth", "key", "token", "secret")
+# Shorter values are not redacted: they would match ordinary text.
+MIN_REDACTED_LENGTH = 8
+REDACTED = b"[REDACTED]"
+
+
+class Redactor:
+    """Replaces a provider's own secrets in bytes it sends back (an error body that echoes
+    the key, a stream event quoting a header) before a client sees them."""
+
+    __slots__ = ("_secrets",)
+
+    def __init__(self, provider: ProviderConfig) -> None:
+        values = [provider.api_key] + [
+            v
+            for k, v in provider.headers.items()
+            if any(word in k.lower() for word in _SECRET_HEADER_WORDS)
+        ]
+        secrets = {v.encode() for v in values if len(v) >= MIN_REDACTED_LENGTH}
+        # Longest first, so a secret containing another is replaced whole.
+        self._secrets = sorted(secrets, key=len, reverse=True)
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def __call__(self, data: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, REDACTED)
+        return data
+
+
+# A health probe reads at most this much of the model list, then closes the connection.
+PROBE_BODY_LIMIT = 64 * 1024
+
+
 class Adapter(abc.ABC):
     """Sends requests to one provider."""
 
     def __init__(self, provider: ProviderConfig) -> None:
         self.provider = provider
+        self.redact = Redactor(provider)
 
     @abc.abstractmethod
     async def send(
         self,
         endpoint: str,
         backend_model: str,
-        body: bytes,
+        body: bytes | bytearray,
         headers: dict[str, str],
     ) -> UpstreamResponse:
         """POST ``body`` to ``endpoint`` (e.g. ``chat/completions``); return at headers."""
@@ -183,7 +269,7 @@ class HttpAdapter(Adapter):
         self,
         endpoint: str,
         backend_model: str,
-        body: bytes,
+        body: bytes | bytearray,
         headers: dict[str, str],
     ) -> UpstreamResponse:
         headers.update(self._auth_headers)
@@ -207,7 +293,14 @@ class HttpAdapter(Adapter):
             timeout=self._timeout,
             allow_redirects=False,
         ) as response:
-            await response.read()
+            # Only the status matters. Reading the list to its end lets the connection
+            # be reused; a list that does not end soon is not read (closed on exit).
+            content = response.content
+            read = 0
+            while read <= PROBE_BODY_LIMIT and (chunk := await content.readany()):
+                read += len(chunk)
+            if read > PROBE_BODY_LIMIT:
+                response.close()
             return response.status
 
 

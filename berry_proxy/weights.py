@@ -12,8 +12,8 @@ The router draws with these weights and every endpoint that shows a weight
 
 SmartAI's factors:
 
-- health: 1 when the provider is healthy; 0.5 while its breaker is half-open or its last
-  probe failed;
+- health: 1 when the backend is healthy; 0.5 while a breaker of it (its provider's or its
+  own) is half-open or its provider's last probe failed;
 - confidence: ``smart_ai.Confidence`` (success and failure history by error class);
 - latency: the model's best EWMA latency divided by this backend's (1 when unmeasured),
   at least ``MIN_LATENCY_FACTOR``;
@@ -56,7 +56,7 @@ class WeightBreakdown:
 
 def health_factor(backend: Backend) -> float:
     provider = backend.provider
-    state = provider.breaker.state
+    state = backend.breaker_state
     if state is BreakerState.OPEN:
         return 0.0
     if state is BreakerState.HALF_OPEN or provider.probe_ok is False:
@@ -92,7 +92,7 @@ def best_latency(backends: Sequence[Backend]) -> float | None:
         for b in backends
         if b.stats.latency_ewma is not None
         and b.usable
-        and b.provider.breaker.state is not BreakerState.OPEN
+        and b.breaker_state is not BreakerState.OPEN
     ]
     return min(measured) if measured else None
 

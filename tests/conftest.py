@@ -17,11 +17,13 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from berry_proxy.app import create_app
 from berry_proxy.config import Config, build_config
 from berry_proxy.errors import UpstreamFailure
 from berry_proxy.pool import Backend, BackendPool
+from berry_proxy.server import GatewayRunner
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 USER_TOKEN = "test-user-token-0123456789"
@@ -98,22 +100,22 @@ class FakeClock:
 
 def served(pool: BackendPool, backend: Backend, latency: float = 0.1) -> None:
     """One attempt on ``backend`` that succeeds, recorded as the proxy records it."""
-    ticket = pool.begin(backend)
-    assert ticket is not None, "the breaker refused the attempt"
+    admission = pool.begin(backend)
+    assert admission is not None, "a breaker refused the attempt"
     try:
-        pool.record_success(backend, latency, ticket)
+        pool.record_success(backend, latency, admission)
     finally:
-        pool.end(backend, ticket)
+        pool.end(backend, admission)
 
 
 def failed(pool: BackendPool, backend: Backend, failure: UpstreamFailure) -> None:
     """One attempt on ``backend`` that fails, recorded as the proxy records it."""
-    ticket = pool.begin(backend)
-    assert ticket is not None, "the breaker refused the attempt"
+    admission = pool.begin(backend)
+    assert admission is not None, "a breaker refused the attempt"
     try:
-        pool.record_failure(backend, failure, ticket)
+        pool.record_failure(backend, failure, admission)
     finally:
-        pool.end(backend, ticket)
+        pool.end(backend, admission)
 
 
 @dataclass
@@ -280,10 +282,34 @@ def gateway_config(*upstreams: FakeUpstream, **settings: Any) -> dict[str, Any]:
 
 
 GatewayFactory = Callable[..., Awaitable[TestServer]]
+AppServer = Callable[[web.Application], Awaitable[TestServer]]
+
+
+class GatewayTestServer(TestServer):
+    """``TestServer`` running the app as the CLI does: through ``GatewayRunner``."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatewayRunner(self.app, **kwargs)
 
 
 @pytest.fixture
-def start_gateway(aiohttp_server: ServerFactory) -> GatewayFactory:
+async def serve_app() -> AsyncIterator[AppServer]:
+    """Serve a gateway app on 127.0.0.1 for the test; closed at its end."""
+    servers: list[TestServer] = []
+
+    async def serve(app: web.Application) -> TestServer:
+        server = GatewayTestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield serve
+    while servers:
+        await servers.pop().close()
+
+
+@pytest.fixture
+def start_gateway(serve_app: AppServer) -> GatewayFactory:
     async def start(raw: dict[str, Any] | Config, **options: Any) -> TestServer:
         """Serve ``raw`` (a config dict or Config); ``options`` go to ``create_app``.
 
@@ -292,7 +318,7 @@ def start_gateway(aiohttp_server: ServerFactory) -> GatewayFactory:
         """
         config = raw if isinstance(raw, Config) else build_config(raw, env={})
         options.setdefault("health_checks", False)
-        return await aiohttp_server(create_app(config, **options))
+        return await serve_app(create_app(config, **options))
 
     return start
 

@@ -182,12 +182,12 @@ async def test_upstream_server_error_raises_internal_server_error(
     assert caught.value.status_code == 502
     assert caught.value.code == "upstream_error"
     assert isinstance(caught.value.body, dict)
-    # The only backend is retried (max_internal_retries) up to max_retries attempts.
+    # The only backend is retried once: a 5xx is never retried on one backend twice.
     assert caught.value.body["details"] == {
-        "attempts": 3,
+        "attempts": 2,
         "last_error": "upstream returned HTTP 503",
     }
-    assert len(upstream.requests) == 3
+    assert len(upstream.requests) == 2
 
 
 async def test_upstream_rate_limit_raises_rate_limit_error(

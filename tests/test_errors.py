@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from berry_proxy.errors import (
+    MAX_RETRY_AFTER_SECONDS,
     AuthenticationFailed,
     FailureKind,
     GatewayError,
@@ -351,11 +352,26 @@ def test_non_provider_exceptions_are_not_mapped(exc: BaseException) -> None:
         ("-3", None),
         ("soon", None),
         ("nan", None),
-        ("Wed, 21 Oct 2015 07:28:00 GMT", None),  # HTTP-date form is not supported
+        ("Wed, 21 Oct 2015 07:28:00", None),  # a date without its zone is not HTTP's
     ],
 )
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     assert parse_retry_after(value) == expected
+
+
+# 2015-10-21T07:28:00Z, the RFC 9110 example date.
+EXAMPLE_DATE = "Wed, 21 Oct 2015 07:28:00 GMT"
+EXAMPLE_EPOCH = 1445412480.0
+
+
+def test_retry_after_as_an_http_date_counts_from_now() -> None:
+    assert parse_retry_after(EXAMPLE_DATE, now=EXAMPLE_EPOCH - 90) == 90.0
+    assert parse_retry_after(EXAMPLE_DATE, now=EXAMPLE_EPOCH + 5) == 0.0  # already past
+
+
+@pytest.mark.parametrize("value", ["1000000000", "3601", "Fri, 01 Jan 2100 00:00:00 GMT"])
+def test_retry_after_is_capped_at_an_hour(value: str) -> None:
+    assert parse_retry_after(value, now=EXAMPLE_EPOCH) == MAX_RETRY_AFTER_SECONDS == 3600
 
 
 def test_fractional_retry_after_is_never_shortened() -> None:

@@ -74,8 +74,9 @@ def pool_of(server: TestServer) -> BackendPool:
     return server.app[keys.POOL]
 
 
-def breaker_state(server: TestServer, provider: str = "up1") -> BreakerState:
-    return pool_of(server).providers[provider].breaker.state
+def breaker_state(server: TestServer) -> BreakerState:
+    """The state of the breakers guarding gpt-test's only backend, taken together."""
+    return pool_of(server).backends["gpt-test"][0].breaker_state
 
 
 async def tripped_gateway(
@@ -86,8 +87,9 @@ async def tripped_gateway(
     upstream.mode = "status"
     raw = gateway_config(upstream, circuit_breaker_failure_threshold=3)
     server = await start_gateway(raw, clock=clock)
-    status, _, _ = await post(server)  # three attempts: the breaker opens
-    assert status == 502
+    for _ in range(3):  # a request counts once, however many attempts: three requests
+        status, _, _ = await post(server)
+        assert status == 502
     assert breaker_state(server) is BreakerState.OPEN
     return server, clock
 
@@ -116,8 +118,7 @@ async def test_never_the_same_backend_twice_while_others_remain(
 async def test_the_only_backend_is_retried_for_transient_failures(
     start_gateway: GatewayFactory, upstream: FakeUpstream
 ) -> None:
-    upstream.mode = "status"
-    upstream.status_code = 502
+    upstream.mode = "reset"  # the connection drops before an answer
     server = await start_gateway(gateway_config(upstream, max_retries=4, max_internal_retries=2))
     status, _, body = await post(server)
     assert status == 502
@@ -125,6 +126,20 @@ async def test_the_only_backend_is_retried_for_transient_failures(
     # One try plus max_internal_retries more (within max_retries).
     assert body["error"]["details"]["attempts"] == 3
     assert len(upstream.requests) == 3
+
+
+async def test_a_5xx_is_retried_on_the_same_backend_at_most_once(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    upstream.mode = "status"
+    upstream.status_code = 502
+    server = await start_gateway(gateway_config(upstream, max_retries=4, max_internal_retries=2))
+    status, headers, body = await post(server)
+    assert status == 502
+    assert isinstance(body, dict)
+    assert body["error"]["details"]["attempts"] == 2
+    assert headers["X-Berry-Attempts"] == "2"
+    assert len(upstream.requests) == 2
 
 
 async def test_a_retried_backend_that_recovers_serves_the_request(
@@ -305,7 +320,7 @@ async def test_a_client_that_leaves_during_a_trial_frees_it(
     await upstream.disconnected.wait()
     upstream.mode = "ok"
     for _ in range(20):  # the handler's cleanup runs as the server notices the disconnect
-        if pool_of(server).providers["up1"].breaker.available():
+        if pool_of(server).backends["gpt-test"][0].available():
             break
         await asyncio.sleep(0.01)
     status, _, _ = await post(server)

@@ -21,10 +21,11 @@ from berry_proxy.config import MockConfig, ProviderConfig, load_config
 from berry_proxy.mock import MAX_REPLY_WORDS, MockAdapter
 from berry_proxy.upstream import UpstreamResponse
 
-from .conftest import ServerFactory, base_url
+from .conftest import AppServer, base_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "berry.yaml"
 DEFAULT_ADMIN_TOKEN = "berry-admin-token-change-me"
+LIMIT = 1 << 20  # bytes a test reads of a mock answer
 MESSAGES = [{"role": "user", "content": "Tell me about berries"}]
 CREATED = 1_700_000_000
 
@@ -75,7 +76,7 @@ def payloads(parts: list[bytes]) -> list[Any]:
 async def chat(adapter: MockAdapter, **fields: Any) -> dict[str, Any]:
     response = await send(adapter, {"model": "x", "messages": MESSAGES, **fields})
     assert response.status == 200
-    reply: dict[str, Any] = orjson.loads(await response.read())
+    reply: dict[str, Any] = orjson.loads(await response.read(LIMIT))
     return reply
 
 
@@ -86,9 +87,9 @@ async def chat(adapter: MockAdapter, **fields: Any) -> dict[str, Any]:
 
 async def test_same_request_gets_identical_bytes() -> None:
     body = {"model": "x", "messages": MESSAGES, "temperature": 0.3}
-    first = await (await send(make_adapter(), body)).read()
+    first = await (await send(make_adapter(), body)).read(LIMIT)
     # Another adapter, another seed: the reply depends on the request only.
-    second = await (await send(make_adapter(seed=99), body)).read()
+    second = await (await send(make_adapter(seed=99), body)).read(LIMIT)
     assert first == second
 
 
@@ -137,7 +138,7 @@ async def test_legacy_completions_shape() -> None:
     adapter = make_adapter()
     response = await send(adapter, {"model": "x", "prompt": "Once upon a time"}, "completions")
     assert response.status == 200
-    reply = orjson.loads(await response.read())
+    reply = orjson.loads(await response.read(LIMIT))
     assert reply["object"] == "text_completion"
     assert reply["id"].startswith("cmpl-")
     (choice,) = reply["choices"]
@@ -153,7 +154,7 @@ async def test_unknown_endpoint_and_bad_body_are_client_errors() -> None:
     assert (await send(adapter, {"model": "x"}, "images/generations")).status == 404
     response = await adapter.send("chat/completions", "m", b"{not json", {})
     assert response.status == 400
-    assert orjson.loads(await response.read())["error"]["type"] == "invalid_request_error"
+    assert orjson.loads(await response.read(LIMIT))["error"]["type"] == "invalid_request_error"
 
 
 # --------------------------------------------------------------------------------------
@@ -244,7 +245,7 @@ async def test_failure_rate_one_always_fails_with_500() -> None:
     for stream in (False, True):
         response = await send(adapter, {"model": "x", "messages": MESSAGES, "stream": stream})
         assert response.status == 500
-        error = orjson.loads(await response.read())["error"]
+        error = orjson.loads(await response.read(LIMIT))["error"]
         assert error["type"] == "server_error"
 
 
@@ -291,7 +292,7 @@ async def test_no_latency_configured_means_no_sleep() -> None:
 async def embed(adapter: MockAdapter, value: Any) -> dict[str, Any]:
     response = await send(adapter, {"model": "x", "input": value}, "embeddings")
     assert response.status == 200
-    reply: dict[str, Any] = orjson.loads(await response.read())
+    reply: dict[str, Any] = orjson.loads(await response.read(LIMIT))
     return reply
 
 
@@ -327,8 +328,8 @@ async def test_single_string_embedding_input() -> None:
 
 
 @pytest.fixture
-async def default_sdk(aiohttp_server: ServerFactory) -> AsyncIterator[openai.AsyncOpenAI]:
-    server = await aiohttp_server(create_app(load_config(DEFAULT_CONFIG, env={})))
+async def default_sdk(serve_app: AppServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    server = await serve_app(create_app(load_config(DEFAULT_CONFIG, env={})))
     client = openai.AsyncOpenAI(
         base_url=base_url(server) + "/v1", api_key=DEFAULT_ADMIN_TOKEN, max_retries=0
     )

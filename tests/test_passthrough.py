@@ -16,9 +16,9 @@ from berry_proxy.config import build_config
 from .conftest import (
     ADMIN_TOKEN,
     UPSTREAM_KEY,
+    AppServer,
     FakeUpstream,
     GatewayFactory,
-    ServerFactory,
     base_url,
     gateway_config,
     stream_events,
@@ -238,7 +238,7 @@ async def test_gateway_errors_use_the_envelope(gateway: TestServer) -> None:
 
 
 async def test_internal_error_hides_the_traceback(
-    aiohttp_server: ServerFactory, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    serve_app: AppServer, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(build_config(gateway_config(upstream), env={}), rng=random.Random(1))
 
@@ -246,7 +246,7 @@ async def test_internal_error_hides_the_traceback(
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr("berry_proxy.proxy.parse_request", explode)
-    server = await aiohttp_server(app)
+    server = await serve_app(app)
     status, _, body = await post(server, CHAT)
     assert status == 500
     assert orjson.loads(body)["error"]["code"] == "internal_error"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -21,13 +22,18 @@ from berry_proxy.openai_request import (
     COMPLETIONS,
     EMBEDDINGS,
     Endpoint,
+    OpenAIRequest,
     parse_request,
     upstream_body,
-    wants_usage,
 )
 from berry_proxy.upstream import forwardable_request_headers, passable_response_headers
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def member(body: OpenAIRequest, name: str) -> Any:
+    """A top-level member of a parsed request, decoded."""
+    return msgspec.json.decode(body.members[name])
 
 
 def chat(**fields: Any) -> bytes:
@@ -103,7 +109,10 @@ def test_prompt_and_input_must_be_string_or_array(endpoint: Endpoint, field: str
             field,
         )
     for good in ("text", ["a", "b"], [[1, 2, 3]]):
-        assert parse_request(orjson.dumps({"model": "m", field: good}), endpoint)[field] == good
+        assert (
+            member(parse_request(orjson.dumps({"model": "m", field: good}), endpoint), field)
+            == good
+        )
 
 
 @pytest.mark.parametrize(
@@ -146,7 +155,7 @@ def test_sampling_fields_must_be_numbers(field: str, value: Any) -> None:
     ],
 )
 def test_sampling_fields_in_range_are_accepted(field: str, value: float) -> None:
-    assert parse_request(chat(**{field: value}), CHAT)[field] == value
+    assert member(parse_request(chat(**{field: value}), CHAT), field) == value
 
 
 @pytest.mark.parametrize("field", ["n", "max_tokens", "max_completion_tokens"])
@@ -157,8 +166,8 @@ def test_counts_must_be_positive_integers(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize("field", ["n", "max_tokens", "max_completion_tokens"])
 def test_positive_counts_are_accepted(field: str) -> None:
-    assert parse_request(chat(**{field: 1}), CHAT)[field] == 1
-    assert parse_request(chat(**{field: 4096}), CHAT)[field] == 4096
+    assert member(parse_request(chat(**{field: 1}), CHAT), field) == 1
+    assert member(parse_request(chat(**{field: 4096}), CHAT), field) == 4096
 
 
 @pytest.mark.parametrize("value", ["true", 1, 0, "yes"])
@@ -189,11 +198,9 @@ def test_null_optional_values_are_allowed() -> None:
             "stream_options",
         )
     }
-    assert parse_request(chat(**nulls), CHAT) == {
-        "model": "gpt-test",
-        "messages": MESSAGES,
-        **nulls,
-    }
+    body = parse_request(chat(**nulls), CHAT)
+    assert (body.model, body.stream, body.stream_options) == ("gpt-test", False, None)
+    assert list(body.members) == ["model", "messages", *nulls]
 
 
 def test_unknown_fields_pass_validation_untouched() -> None:
@@ -206,7 +213,7 @@ def test_unknown_fields_pass_validation_untouched() -> None:
     }
     body = parse_request(chat(stream=False, **extra), CHAT)
     for key, value in extra.items():
-        assert body[key] == value
+        assert bytes(body.members[key]) == orjson.dumps(value)
 
 
 def test_the_first_bad_field_is_named() -> None:
@@ -217,10 +224,13 @@ def test_the_first_bad_field_is_named() -> None:
 
 
 def test_wants_usage() -> None:
-    assert wants_usage({"stream_options": {"include_usage": True}})
-    assert not wants_usage({"stream_options": {"include_usage": False}})
-    assert not wants_usage({"stream_options": None})
-    assert not wants_usage({})
+    def wants(**fields: Any) -> bool:
+        return parse_request(chat(stream=True, **fields), CHAT).wants_usage
+
+    assert wants(stream_options={"include_usage": True})
+    assert not wants(stream_options={"include_usage": False})
+    assert not wants(stream_options=None)
+    assert not wants()
 
 
 # --------------------------------------------------------------------------------------
@@ -231,7 +241,7 @@ def test_wants_usage() -> None:
 def test_unchanged_request_is_forwarded_as_the_same_bytes() -> None:
     raw = b'{"model":  "up-model", "messages": [{"role":"user","content":"Hi \\u00e9"}]}'
     body = parse_request(raw, CHAT)
-    assert upstream_body(raw, body, "up-model", add_usage=False) is raw
+    assert upstream_body(body, "up-model", add_usage=False) is raw
 
 
 def test_only_model_is_rewritten() -> None:
@@ -244,18 +254,18 @@ def test_only_model_is_rewritten() -> None:
     }
     raw = chat(**fields)
     body = parse_request(raw, CHAT)
-    out = upstream_body(raw, body, "backend-model", add_usage=False)
+    out = upstream_body(body, "backend-model", add_usage=False)
     sent = orjson.loads(out)
     assert sent == {"model": "backend-model", "messages": MESSAGES, **fields}
     # Field order is kept too.
     assert list(sent) == list(orjson.loads(raw))
-    assert body["model"] == "gpt-test"  # the parsed request itself is not mutated
+    assert body.model == "gpt-test"  # the parsed request itself is not mutated
 
 
 def test_usage_opt_in_is_added_to_a_stream_without_options() -> None:
     raw = chat(stream=True)
     body = parse_request(raw, CHAT)
-    sent = orjson.loads(upstream_body(raw, body, "gpt-test", add_usage=True))
+    sent = orjson.loads(upstream_body(body, "gpt-test", add_usage=True))
     assert sent == {
         "model": "gpt-test",
         "messages": MESSAGES,
@@ -267,20 +277,20 @@ def test_usage_opt_in_is_added_to_a_stream_without_options() -> None:
 def test_usage_opt_in_merges_into_existing_stream_options() -> None:
     raw = chat(stream=True, stream_options={"include_obfuscation": False, "vendor": {"x": 1}})
     body = parse_request(raw, CHAT)
-    sent = orjson.loads(upstream_body(raw, body, "backend-model", add_usage=True))
+    sent = orjson.loads(upstream_body(body, "backend-model", add_usage=True))
     assert sent["model"] == "backend-model"
     assert sent["stream_options"] == {
         "include_obfuscation": False,
         "vendor": {"x": 1},
         "include_usage": True,
     }
-    assert body["stream_options"] == {"include_obfuscation": False, "vendor": {"x": 1}}
+    assert body.stream_options == {"include_obfuscation": False, "vendor": {"x": 1}}
 
 
 def test_usage_opt_in_replaces_null_stream_options() -> None:
     raw = chat(stream=True, stream_options=None)
     body = parse_request(raw, CHAT)
-    sent = orjson.loads(upstream_body(raw, body, "gpt-test", add_usage=True))
+    sent = orjson.loads(upstream_body(body, "gpt-test", add_usage=True))
     assert sent["stream_options"] == {"include_usage": True}
 
 
@@ -288,7 +298,7 @@ def test_non_ascii_content_survives_the_rewrite() -> None:
     messages = [{"role": "user", "content": "Grüß dich 👋 — ça va?"}]
     raw = orjson.dumps({"model": "gpt-test", "messages": messages})
     body = parse_request(raw, CHAT)
-    sent = orjson.loads(upstream_body(raw, body, "other", add_usage=False))
+    sent = orjson.loads(upstream_body(body, "other", add_usage=False))
     assert sent["messages"] == messages
 
 

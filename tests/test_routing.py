@@ -124,7 +124,7 @@ def first_picks(
     return Counter(strategy.order(backends, w, rng)[0].provider.id for _ in range(draws))
 
 
-def fail(pool: BackendPool, backend: Backend, kind: FailureKind = FailureKind.SERVER) -> None:
+def fail(pool: BackendPool, backend: Backend, kind: FailureKind = FailureKind.NETWORK) -> None:
     failed(pool, backend, UpstreamFailure(kind, "boom"))
 
 

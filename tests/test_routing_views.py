@@ -607,8 +607,8 @@ async def test_models_shows_backend_with_open_breaker_unhealthy(
     raw = views_config(upstream, upstream2, circuit_breaker_failure_threshold=2)
     raw["models"]["gpt-test"]["strategy"] = "weighted_random"
     gw = await start(start_gateway, raw)
-    upstream2.mode = "status"
-    breaker = gw.server.app[keys.POOL].providers["up2"].breaker
+    upstream2.mode = "status"  # 500s: the breaker of up2's upstream model opens
+    breaker = gw.server.app[keys.POOL].backends["gpt-test"][1].breaker
     for _ in range(MAX_REQUESTS):
         assert (await chat(session, gw)) == (200, "up1")
         if breaker.state is BreakerState.OPEN:
@@ -632,7 +632,9 @@ async def test_models_shows_backend_with_open_breaker_unhealthy(
 
     health = await fetch(session, gw, "/health", token=None)
     assert (health.status, health.body["status"]) == (200, "degraded")
-    assert health.body["providers"]["up2"]["circuit_breaker_state"] == "open"
+    # up2 answers (500s): its connection-level breaker stays closed, its model's opened.
+    assert health.body["providers"]["up2"]["circuit_breaker_state"] == "closed"
+    assert health.body["models"]["gpt-test"]["healthy_backends"] == 1
 
 
 async def test_no_view_leaks_upstream_address_or_key(

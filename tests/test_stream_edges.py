@@ -146,7 +146,7 @@ async def test_a_gateway_bug_after_the_commit_still_ends_the_stream_with_an_erro
     def broken(*_: object) -> None:
         raise RuntimeError("bug in the copy loop")
 
-    monkeypatch.setattr("berry_proxy.proxy.forwardable", broken)
+    monkeypatch.setattr("berry_proxy.relay.forwardable", broken)
     status, body = await _post(gateway, orjson.dumps({**CHAT, "stream": True}), AUTH)
     assert status == 200
     error = orjson.loads(body.removeprefix(b"data: "))

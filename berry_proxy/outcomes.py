@@ -1,0 +1,42 @@
+"""What a finished attempt records, in one place per request.
+
+The unary path and the stream relay report what happened (served, failed, the trial
+proved the backend, the model was or was not served); ``Outcomes`` turns that into the
+pool's statistics, breakers and SmartAI confidence, and into the request's log fields.
+It carries the request's ``Evidence``, so one request charges a breaker at most once.
+This is where the next issues' per-request accounting (metrics, token usage for rate
+limits) hooks in.
+"""
+
+from __future__ import annotations
+
+from .context import RequestContext
+from .errors import FailureKind, UpstreamFailure
+from .exchange import Exchange
+from .pool import BackendPool, Evidence
+
+
+class Outcomes:
+    __slots__ = ("ctx", "evidence", "pool")
+
+    def __init__(self, pool: BackendPool, ctx: RequestContext) -> None:
+        self.pool = pool
+        self.ctx = ctx
+        self.evidence = Evidence()
+
+    def served(self, exchange: Exchange, latency: float) -> None:
+        """The attempt's answer reached the client whole (a stream: up to ``[DONE]``)."""
+        self.pool.record_success(exchange.backend, latency, exchange.admission)
+
+    def proven(self, exchange: Exchange) -> None:
+        """A stream reached its first content: a trial attempt has proven its backend."""
+        self.pool.confirm_trial(exchange.backend, exchange.admission)
+
+    def failed(self, exchange: Exchange, failure: UpstreamFailure) -> None:
+        """The attempt failed; saturation (the gateway's own limit) blames no one."""
+        self.ctx.failures.append(f"{exchange.backend.provider.id}: {failure.kind.value}")
+        if failure.kind is not FailureKind.SATURATED:
+            self.pool.record_failure(exchange.backend, failure, exchange.admission, self.evidence)
+
+    def model_outcome(self, model_id: str, ok: bool, latency: float) -> None:
+        self.pool.record_model_outcome(model_id, ok=ok, latency=latency)

@@ -1,0 +1,41 @@
+"""The headers berry-proxy puts on its own responses.
+
+``Server`` names the product without a version (no "Python/3.11 aiohttp/3.14" for a
+scanner to match against known bugs). Proxied answers say who served them and what the
+gateway's own share of the wait was (``served_by``).
+"""
+
+from __future__ import annotations
+
+from .context import RequestContext
+from .pool import Backend
+
+SERVER = "berry-proxy"
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+    "Server": SERVER,
+}
+
+
+def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, str]:
+    """The headers of an answer from ``backend``, committed at ``now`` (monotonic).
+
+    Fixes the request's overhead and time to first byte as of the commit. Includes
+    ``X-Request-ID`` and ``Server``: a response prepared by its handler is past the
+    middleware's chance to add them.
+    """
+    ctx.provider = backend.provider.id
+    ctx.backend_model = backend.config.model
+    overhead = ctx.commit(now)
+    ctx.time_to_first_byte = now - ctx.started
+    return {
+        "X-Request-ID": ctx.request_id,
+        "Server": SERVER,
+        "X-Berry-Provider": backend.provider.id,
+        "X-Berry-Backend-Model": backend.config.model,
+        "X-Berry-Attempts": str(ctx.attempts),
+        "X-Berry-Overhead-Ms": f"{overhead * 1000:.3f}",
+    }

@@ -1,0 +1,136 @@
+"""The HTTP server under the app: what happens before a request reaches a middleware.
+
+aiohttp answers a request its parser cannot read (a bad header byte, a header line over
+8190 bytes, too many headers, garbage instead of HTTP) itself, before any middleware runs:
+as a plain-text 400 with no request id, logged as a multi-line traceback that quotes the
+offending bytes, a bearer token included. ``GatewayRequestHandler`` answers those in the
+SPEC's JSON envelope instead (431 ``request_headers_too_large`` for oversize headers, 400
+``invalid_http`` otherwise), with ``X-Request-ID``, and logs one JSON line that names the
+kind of error and never a byte of the request.
+
+``GatewayRunner`` is aiohttp's ``AppRunner`` serving with that handler; the CLI and the
+tests both run the app through it (``serve``, ``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .context import request_id_from
+from .errors import GatewayError, HeadersTooLarge, InternalError, InvalidRequest
+from .log import get_logger
+from .response_headers import SERVER
+
+log = get_logger("berry_proxy.http")
+
+# aiohttp's own limits on a request head (its defaults), named for the error messages.
+MAX_LINE_BYTES = 8190
+MAX_HEADERS = 128
+TOO_MANY_HEADERS = "Too many headers received"  # aiohttp's message, a fixed text
+
+
+def parser_error(status: int, exc: BaseException | None) -> GatewayError:
+    """The envelope error for what aiohttp's request handler could not handle."""
+    if status >= 500 or exc is None:
+        return InternalError(
+            "internal_error", "The gateway failed to handle this request; it was logged"
+        )
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and exc.message == TOO_MANY_HEADERS
+    ):
+        return HeadersTooLarge(
+            "request_headers_too_large",
+            f"The request line or headers are too large (at most {MAX_LINE_BYTES} bytes "
+            f"per line and {MAX_HEADERS} headers)",
+        )
+    if isinstance(exc, BadHttpMethod):
+        return InvalidRequest("invalid_http", "The request does not start with an HTTP method")
+    return InvalidRequest("invalid_http", "The request is not valid HTTP/1.1")
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors in the SPEC envelope."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        error = parser_error(status, exc)
+        request_id = request_id_from(None)
+        # The exception's text may quote the request's bytes: log only its kind.
+        fields = {
+            "request_id": request_id,
+            "status": error.status,
+            "error_code": error.code,
+            "error": type(exc).__name__ if exc is not None else None,
+        }
+        if error.status >= 500:
+            log.error("request_unhandled", **fields)
+        else:
+            log.warning("request_unreadable", **fields)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; the error cannot be sent")
+        response = web.Response(
+            body=error.body(),
+            status=error.status,
+            content_type="application/json",
+            headers={"X-Request-ID": request_id, "Server": SERVER},
+        )
+        response.force_close()
+        return response
+
+
+class GatewayServer(web.Server):
+    """``web.Server`` whose connections are ``GatewayRequestHandler``s."""
+
+    def __call__(self) -> RequestHandler:
+        return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """``web.AppRunner`` serving through ``GatewayServer``."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()  # the app's start-up, then its Server
+        # Same handler, factory and options; only the connection class differs.
+        return GatewayServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            **server._kwargs,  # aiohttp keeps no public copy of them
+        )
+
+
+async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully.
+
+    On the signal aiohttp stops accepting and lets in-flight requests finish for up to
+    ``shutdown_timeout`` seconds.
+    """
+    runner = GatewayRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
