@@ -8,10 +8,17 @@ too (``aiohttp_server``), so tests drive it over HTTP with the ``openai`` SDK or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -343,3 +350,121 @@ async def sdk(gateway: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
 
 def sdk_for(server: TestServer, token: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url(server) + "/v1", api_key=token, max_retries=0)
+
+
+# --------------------------------------------------------------------------------------
+# The gateway as a separate process, for tests that measure its memory
+# --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class GatewayProcess:
+    """``berry-proxy serve`` running as its own process (started and stopped by PID)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def status_kib(self, field: str) -> int:
+        """A memory field of ``/proc/PID/status`` in KiB (``VmRSS``, ``VmHWM``...)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+    @property
+    def rss_mib(self) -> float:
+        return self.status_kib("VmRSS") / 1024
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return self.status_kib("VmHWM") / 1024
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in self.log_path.read_bytes().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                lines.append(orjson.loads(raw))
+        return lines
+
+    def stop(self, timeout: float = 10.0) -> int:
+        proc = self.process
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=timeout)
+        return proc.returncode
+
+
+ProcessFactory = Callable[[dict[str, Any]], Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def gateway_process(tmp_path: Path) -> AsyncIterator[ProcessFactory]:
+    """Start ``berry-proxy serve`` on a free loopback port with a config dict; each one
+    is stopped (SIGTERM by its PID, SIGKILL if it hangs) when the test ends."""
+    started: list[GatewayProcess] = []
+
+    async def start(raw: dict[str, Any]) -> GatewayProcess:
+        index = len(started)
+        config = tmp_path / f"gateway-{index}.yaml"
+        config.write_bytes(orjson.dumps(raw))  # JSON is YAML
+        port = free_port()
+        log_path = tmp_path / f"gateway-{index}.log"
+        with log_path.open("wb") as log:
+            # Popen only forks and execs (no waiting); S603: our own interpreter and module.
+            process = subprocess.Popen(  # noqa: ASYNC220, S603
+                [
+                    sys.executable,
+                    "-m",
+                    "berry_proxy",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        gateway = GatewayProcess(process, port, log_path)
+        started.append(gateway)
+        await _until_ready(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+async def _until_ready(gateway: GatewayProcess, within: float = 15.0) -> None:
+    async with aiohttp.ClientSession() as session, asyncio.timeout(within):
+        while True:
+            if gateway.process.poll() is not None:
+                raise AssertionError(f"berry-proxy exited early: {gateway.log_path.read_text()}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(gateway.url + "/v1/health") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)  # polling another process: nothing to await
