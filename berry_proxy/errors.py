@@ -273,8 +273,13 @@ class upstream_errors:  # used like a function: ``with upstream_errors(...)``
 
     Wrap only the reading and sending of an upstream exchange, never a write to the
     client: a departed client raises ``ConnectionResetError`` too, and it is not the
-    provider's fault. The failure is raised without chaining (``from None``) and without
-    binding it to a local of a frame its traceback holds, so it forms no reference cycle.
+    provider's fault.
+
+    No reference cycles: the failure is raised without chaining (``from None``) and
+    without binding it to a local of a frame its traceback holds; and the replaced
+    exception forgets its traceback, because aiohttp keeps it (a broken response stores
+    its error to raise it again), so that traceback's frames, which hold the response,
+    would otherwise form a cycle with it that only a full GC could break.
     """
 
     __slots__ = ("phase",)
@@ -293,7 +298,18 @@ class upstream_errors:  # used like a function: ``with upstream_errors(...)``
     ) -> None:
         if exc is None or isinstance(exc, UpstreamFailure) or not _is_transport_error(exc):
             return
+        _forget_frames(exc)
         raise _transport_failure(exc, self.phase) from None
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and of the exceptions chained to it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def _is_transport_error(exc: BaseException) -> bool:

@@ -81,9 +81,6 @@ class Proxy:
         add_usage = body.stream and not body.wants_usage
         bodies: dict[str, Body] = {}  # backend model -> rewritten body, built once each
         for backend in failover:
-            exchange = Exchange.begin(self.pool, backend, deadline)
-            if exchange is None:
-                continue  # a breaker opened meanwhile, or another request holds the trial
             backend_model = backend.config.model
             upstream_request = bodies.get(backend_model)
             if upstream_request is None:
@@ -98,6 +95,11 @@ class Proxy:
                 deadline=deadline,
                 add_usage=add_usage,
             )
+            # Nothing runs between taking the breakers' admission and entering the
+            # exchange that gives it back: no exception can leak a half-open trial.
+            exchange = Exchange.begin(self.pool, backend, deadline)
+            if exchange is None:
+                continue  # a breaker opened meanwhile, or another request holds the trial
             try:
                 async with exchange:
                     failover.sent(backend)

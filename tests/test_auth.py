@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from berry_proxy.auth import Authenticator, require_admin, resolve_model, visible_models
+from berry_proxy.app import create_app
+from berry_proxy.auth import (
+    Access,
+    Authenticator,
+    UndeclaredAccess,
+    access,
+    declared_access,
+    require_admin,
+    resolve_model,
+    visible_models,
+)
 from berry_proxy.config import Config, build_config, hash_token
 from berry_proxy.errors import AuthenticationFailed, GatewayError, InvalidRequest, PermissionDenied
 
@@ -237,3 +247,42 @@ def test_admin_default_follows_allowed_models() -> None:
     # admin: false is honoured for a user with every model.
     assert users["everything-but-admin"].admin is False
     assert users["everything-but-admin"].allowed_models == ()
+
+
+# --------------------------------------------------------------------------------------
+# Every route declares who may call it (SPEC §5): access fails closed
+# --------------------------------------------------------------------------------------
+
+
+async def undeclared(request: object) -> None:
+    """A handler nobody marked with @access."""
+
+
+def test_a_handler_without_a_declaration_is_refused() -> None:
+    with pytest.raises(UndeclaredAccess, match="undeclared"):
+        declared_access(undeclared)
+
+
+def test_declared_levels_are_read_back() -> None:
+    for level in Access:
+
+        async def handler(request: object) -> None:
+            """Marked below."""
+
+        assert declared_access(access(level)(handler)) is level
+
+
+def test_the_app_refuses_to_start_with_an_undeclared_route(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("berry_proxy.status.v1_health", undeclared)
+    with pytest.raises(UndeclaredAccess):
+        create_app(config, health_checks=False)
+
+
+def test_every_route_of_the_app_declares_its_access(config: Config) -> None:
+    app = create_app(config, health_checks=False)
+    routes = list(app.router.routes())
+    assert len(routes) >= 13
+    for route in routes:
+        declared_access(route.handler)

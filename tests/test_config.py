@@ -193,6 +193,29 @@ def test_good_yaml_providers(good: Config) -> None:
     assert fake.mock.seed == 7
 
 
+def test_no_secret_or_upstream_address_appears_in_a_repr(good: Config) -> None:
+    """A config object in a log line or a traceback must not leak what it guards."""
+    shown = repr(good)
+    for secret in ("sk-openai", "az-key", "org-123", "api.openai.com", "res.openai.azure"):
+        assert secret not in shown
+    assert "cache:6380" not in shown  # the Redis URL, which may carry a password
+    for user in good.users.values():
+        assert user.token_sha256.hex() not in shown
+        assert repr(user.token_sha256) not in shown
+
+
+def test_new_limits_have_their_documented_defaults(good: Config) -> None:
+    assert good.server.keepalive_timeout_seconds == 15.0
+    assert good.server.body_timeout_seconds == 60.0
+    openai = good.providers["openai"]
+    assert openai.max_connections == 50  # as configured
+    azure = good.providers["azure"]
+    assert azure.max_connections == 4096
+    assert azure.pool_timeout_seconds == 1.0
+    assert azure.max_response_bytes == 128 * 1024 * 1024
+    assert azure.max_event_bytes == 1024 * 1024
+
+
 def test_good_yaml_models(good: Config) -> None:
     gpt4o = good.models["gpt-4o"]
     assert gpt4o.id == gpt4o.name == "gpt-4o"

@@ -40,6 +40,7 @@ from berry_proxy.errors import (
     map_upstream_exception,
     missing_parameter,
     parse_retry_after,
+    upstream_errors,
 )
 
 SECRET_HOST = "secret-upstream.internal.example"
@@ -382,3 +383,65 @@ def test_fractional_retry_after_is_never_shortened() -> None:
 def test_infinite_retry_after_does_not_crash_the_429_mapping() -> None:
     error = error_for_failures([rate_limited(parse_retry_after("inf"))])
     assert error.status == 429
+
+
+# --------------------------------------------------------------------------------------
+# upstream_errors: the one place transport exceptions become failures
+# --------------------------------------------------------------------------------------
+
+
+def _client_exception_classes() -> list[type[BaseException]]:
+    """Every exception class aiohttp's client can raise (``aiohttp.client_exceptions``)."""
+    return [
+        cls
+        for cls in vars(aiohttp.client_exceptions).values()
+        if isinstance(cls, type) and issubclass(cls, aiohttp.ClientError)
+    ]
+
+
+def test_every_aiohttp_client_exception_is_mapped_to_a_failure() -> None:
+    classes = _client_exception_classes()
+    assert len(classes) > 20  # the module's whole tree, not an empty list
+    for cls in classes:
+        exc = cls.__new__(cls)  # isinstance is all the mapping looks at
+        with pytest.raises(UpstreamFailure) as caught, upstream_errors("stream"):
+            raise exc
+        assert caught.value.kind in {
+            FailureKind.NETWORK,
+            FailureKind.PROTOCOL,
+            FailureKind.TIMEOUT,
+        }, cls
+        assert "stream" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "exc", [TimeoutError(), ConnectionResetError(), OSError("no route"), ssl.SSLError()]
+)
+def test_timeouts_and_os_errors_are_mapped_too(exc: BaseException) -> None:
+    with pytest.raises(UpstreamFailure), upstream_errors("first byte"):
+        raise exc
+
+
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("our bug"), ValueError("bad"), KeyError("k"), asyncio.CancelledError()]
+)
+def test_bugs_and_cancellation_pass_through_unchanged(exc: BaseException) -> None:
+    with pytest.raises(type(exc)) as caught, upstream_errors("stream"):
+        raise exc
+    assert caught.value is exc
+
+
+def test_an_upstream_failure_passes_through_as_it_is() -> None:
+    failure = UpstreamFailure(FailureKind.PROTOCOL, "not JSON")
+    with pytest.raises(UpstreamFailure) as caught, upstream_errors("response"):
+        raise failure
+    assert caught.value is failure
+
+
+def test_a_mapped_failure_is_not_chained_to_what_it_replaced() -> None:
+    with pytest.raises(UpstreamFailure) as caught, upstream_errors("stream"):
+        raise aiohttp.ServerDisconnectedError()
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+    detached = caught.value.detach()
+    assert (detached.__traceback__, detached.__context__) == (None, None)

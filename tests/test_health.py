@@ -10,7 +10,9 @@ records the delays asked for, and ends the loop by raising ``StopProbing``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -25,8 +28,16 @@ from berry_proxy import keys
 from berry_proxy.app import build_adapters
 from berry_proxy.breaker import BreakerState
 from berry_proxy.config import build_config
-from berry_proxy.health import JITTER, MIN_SLEEP_SECONDS, HealthProber
+from berry_proxy.errors import FailureKind, UpstreamFailure
+from berry_proxy.health import (
+    JITTER,
+    MIN_SLEEP_SECONDS,
+    RECOVERY_PROBE_DELAY,
+    RESTART_DELAY_SECONDS,
+    HealthProber,
+)
 from berry_proxy.pool import BackendPool
+from berry_proxy.routing import Router
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -36,6 +47,7 @@ from .conftest import (
     GatewayFactory,
     ServerFactory,
     base_url,
+    failed,
     gateway_config,
 )
 
@@ -830,3 +842,124 @@ async def test_provider_dies_and_comes_back(
     posts = len(up2.requests)
     assert "up2" in await served_by(20)
     assert len(up2.requests) > posts
+
+
+# --------------------------------------------------------------------------------------
+# A breaker opened by traffic is re-probed within seconds; crashes restart the prober
+# --------------------------------------------------------------------------------------
+
+
+def trip_by_traffic(pool: BackendPool, provider: str) -> None:
+    """Connection failures of live requests open ``provider``'s breaker."""
+    backend = next(b for b in pool.all_backends() if b.provider.id == provider)
+    for _ in range(pool.config.settings.circuit_breaker_failure_threshold):
+        failed(pool, backend, UpstreamFailure(FailureKind.NETWORK, "connection reset"))
+    assert pool.providers[provider].breaker.state is BreakerState.OPEN
+
+
+async def test_a_breaker_opened_by_traffic_is_probed_within_seconds_and_retry_after_says_so(
+    up1: ProbeUpstream,
+) -> None:
+    raw = gateway_config(
+        up1,
+        circuit_breaker_timeout_seconds=60,
+        recovery_check_interval_seconds=120,
+        health_check_interval_seconds=30,
+    )
+    config = build_config(raw, env={})
+    clock = FakeClock(MONOTONIC_START)
+    pool = BackendPool(config, clock, FakeClock(WALL_START))
+    async with aiohttp.ClientSession() as session:
+        prober = HealthProber(pool, build_adapters(config, session), config.settings)
+        await prober.probe_once()
+        assert pool.providers["up1"].next_probe_at == pytest.approx(clock.now + 30, rel=JITTER)
+        trip_by_traffic(pool, "up1")
+    due = pool.providers["up1"].next_probe_at
+    assert due is not None
+    assert due - clock.now == pytest.approx(RECOVERY_PROBE_DELAY, rel=JITTER)
+    # The 503 tells clients to come back at the probe, not when the 60 s window ends.
+    router = Router(pool)
+    error = router.no_healthy_backends(config.models["gpt-test"], pool.backends["gpt-test"])
+    assert int(error.headers["Retry-After"]) <= math.ceil(RECOVERY_PROBE_DELAY * (1 + JITTER))
+
+
+async def test_the_running_prober_wakes_up_for_a_breaker_that_opens_meanwhile(
+    up1: ProbeUpstream, up2: ProbeUpstream
+) -> None:
+    raw = gateway_config(up1, up2, health_check_interval_seconds=30)
+    config = build_config(raw, env={})
+    clock = FakeClock(MONOTONIC_START)
+    up1.clock = up2.clock = clock
+    pool = BackendPool(config, clock, FakeClock(WALL_START))
+    long_sleep = asyncio.Event()  # never set: a long sleep lasts until cut short
+    sleeping = asyncio.Event()
+
+    async def sleep(delay: float) -> None:
+        if delay > 10:
+            sleeping.set()
+            await long_sleep.wait()
+        clock.now += delay
+
+    async with aiohttp.ClientSession() as session:
+        prober = HealthProber(
+            pool, build_adapters(config, session), config.settings, random.Random(5), sleep
+        )
+        task = asyncio.create_task(prober.run())
+        try:
+            async with asyncio.timeout(10):
+                await sleeping.wait()  # the first round is done; 30 s to the next
+                assert (len(up1.probes), len(up2.probes)) == (1, 1)
+                up2.probed.clear()
+                opened_at = clock.now
+                trip_by_traffic(pool, "up2")
+                await up2.probed.wait()
+                # The probe's answer is on its way back; nothing to await but the loop.
+                while pool.providers["up2"].breaker.state is not BreakerState.CLOSED:  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert len(up2.probes) == 2
+    assert len(up1.probes) == 1  # only the provider that opened was probed early
+    probe_at = up2.probes[-1].at
+    assert probe_at is not None
+    assert probe_at - opened_at == pytest.approx(RECOVERY_PROBE_DELAY, rel=JITTER)
+    assert pool.providers["up2"].breaker.state is BreakerState.CLOSED  # it answered
+
+
+async def test_a_crashed_prober_is_logged_and_restarts(up1: ProbeUpstream) -> None:
+    config = build_config(gateway_config(up1), env={})
+    pool = BackendPool(config, FakeClock(MONOTONIC_START), FakeClock(WALL_START))
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        if len(delays) >= 3:
+            raise StopProbing
+
+    async with aiohttp.ClientSession() as session:
+        prober = HealthProber(
+            pool, build_adapters(config, session), config.settings, random.Random(5), sleep
+        )
+        rounds = 0
+        real_round = prober.probe_once
+
+        async def crashing_round(*args: Any) -> dict[str, str | None]:
+            nonlocal rounds
+            rounds += 1
+            if rounds == 1:
+                raise RuntimeError("a bug in the prober")
+            return await real_round(*args)
+
+        prober.probe_once = crashing_round  # type: ignore[method-assign,assignment]
+        with structlog.testing.capture_logs() as logs, pytest.raises(StopProbing):
+            async with asyncio.timeout(10):
+                await prober.run_forever()
+    # The first crash is the bug; StopProbing, which ends the test, counts as one too.
+    crash = next(line for line in logs if line["event"] == "health_prober_crashed")
+    assert crash["log_level"] == "error"
+    assert crash["restart_in_seconds"] == RESTART_DELAY_SECONDS
+    assert delays[0] == RESTART_DELAY_SECONDS  # waited, then ran again
+    assert rounds >= 2
+    assert len(up1.probes) >= 1  # the restarted prober probed

@@ -194,13 +194,32 @@ async def test_client_credentials_and_hop_by_hop_headers_stay_behind(
         "OpenAI-Organization": "org-client",
         "X-Custom-Trace": "keep-me",
         "Upgrade": "websocket",
+        "api-key": "client-azure-key",
+        # Where the client is, as a load balancer in front of the gateway says it:
+        "X-Forwarded-For": "10.1.2.3",
+        "X-Forwarded-Host": "intranet.example",
+        "X-Forwarded-Proto": "https",
+        "Forwarded": "for=10.1.2.3;proto=https",
+        "X-Real-IP": "10.1.2.3",
     }
     await post(gateway, CHAT, headers=headers)
     sent = {k.lower(): v for k, v in upstream.requests[-1].headers.items()}
     assert sent["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert sent["x-custom-trace"] == "keep-me"
-    for dropped in ("proxy-authorization", "cookie", "openai-organization", "upgrade"):
+    for dropped in (
+        "proxy-authorization",
+        "cookie",
+        "openai-organization",
+        "upgrade",
+        "api-key",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "forwarded",
+        "x-real-ip",
+    ):
         assert dropped not in sent
+    assert "10.1.2.3" not in str(upstream.requests[-1].headers)
 
 
 async def test_request_id_kept_when_sane_and_replaced_otherwise(

@@ -327,6 +327,12 @@ def test_forwardable_request_headers_drop_credentials_and_hop_by_hop() -> None:
                 "X-Request-ID": "client-chosen",
                 "OpenAI-Organization": "org-client",
                 "OpenAI-Project": "proj-client",
+                "X-Forwarded-For": "10.0.0.1",
+                "X-Forwarded-Port": "443",
+                "Forwarded": "for=10.0.0.1",
+                "X-Real-IP": "10.0.0.1",
+                "True-Client-IP": "10.0.0.1",
+                "Via": "1.1 lb",
                 # aiohttp decoded the body already; the gateway sets its own Content-Type.
                 "Content-Type": "application/x-www-form-urlencoded",
                 "Content-Encoding": "gzip",

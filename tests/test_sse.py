@@ -8,6 +8,7 @@ right class.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import pytest
 from berry_proxy.sse import (
     EventKind,
     EventSplitter,
+    EventTooLarge,
     classify,
     error_event,
     event_data,
@@ -296,3 +298,55 @@ def test_usage_object_is_found_in_a_block_of_null_usage_chunks() -> None:
     assert may_carry_usage(block)
     assert not may_carry_usage(block.split(b"\n\n")[0])
     assert may_carry_usage(b'data: {"choices": [], "usage": {"prompt_tokens": 3}}\n\n')
+
+
+# --------------------------------------------------------------------------------------
+# Limits: an upstream that never ends an event
+# --------------------------------------------------------------------------------------
+
+
+def test_pending_bytes_without_a_boundary_are_capped() -> None:
+    splitter = EventSplitter(max_pending=4096)
+    splitter.push(b"data: " + b"x" * 4000)
+    assert splitter.pop() is None  # under the cap: waits for the rest
+    splitter.push(b"x" * 200)
+    with pytest.raises(EventTooLarge):
+        splitter.pop()
+
+
+def test_the_cap_applies_to_blocks_too_and_complete_events_still_count() -> None:
+    splitter = EventSplitter(max_pending=4096)
+    assert splitter.feed_block(b"data: 1\n\n" + b"data: " + b"y" * 3000) == b"data: 1\n\n"
+    with pytest.raises(EventTooLarge):
+        splitter.feed_block(b"y" * 2000)
+
+
+def test_many_complete_events_in_one_chunk_are_not_capped() -> None:
+    events = [b"data: " + b"z" * 100 + b"\n\n" for _ in range(1000)]  # 100 KB in all
+    splitter = EventSplitter(max_pending=4096)
+    assert splitter.feed(b"".join(events)) == events
+
+
+def test_splitting_an_unterminated_event_is_linear_in_its_size() -> None:
+    """50 MB fed in 64 KiB chunks: each chunk is searched once, never the whole again."""
+    chunk = b"q" * 65536
+    splitter = EventSplitter(max_pending=64 * 1024 * 1024)
+    started = time.process_time()
+    for _ in range(800):
+        splitter.push(chunk)
+        assert splitter.pop() is None
+    assert time.process_time() - started < 2.0  # quadratic copying would take minutes
+    splitter.push(b"\n\n")
+    assert len(splitter.pop() or b"") == 800 * 65536 + 2
+
+
+def test_a_boundary_cut_across_chunks_after_a_long_search_is_found() -> None:
+    for ending in (b"\n\n", b"\r\n\r\n"):
+        splitter = EventSplitter()
+        splitter.push(b"data: " + b"w" * 70000 + ending[:1])
+        assert splitter.pop() is None
+        splitter.push(ending[1:] + b"data: next" + ending)
+        first = splitter.pop()
+        assert first is not None
+        assert first.endswith(ending)
+        assert splitter.pop() == b"data: next" + ending
