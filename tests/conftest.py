@@ -357,6 +357,22 @@ def sdk_for(server: TestServer, token: str) -> openai.AsyncOpenAI:
 # --------------------------------------------------------------------------------------
 
 
+def serve_command(config: Path, port: int) -> list[str]:
+    """``berry-proxy serve`` for ``config`` on 127.0.0.1:``port``, with this interpreter."""
+    return [
+        sys.executable,
+        "-m",
+        "berry_proxy",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -432,18 +448,7 @@ async def gateway_process(tmp_path: Path) -> AsyncIterator[ProcessFactory]:
         with log_path.open("wb") as log:
             # Popen only forks and execs (no waiting); S603: our own interpreter and module.
             process = subprocess.Popen(  # noqa: ASYNC220, S603
-                [
-                    sys.executable,
-                    "-m",
-                    "berry_proxy",
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ],
+                serve_command(config, port),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ import pytest
 from berry_proxy import __version__
 from berry_proxy.cli import main
 from berry_proxy.config import ConfigError, hash_token, load_config
+
+from .conftest import free_port, serve_command
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config" / "berry.yaml"
@@ -181,13 +182,6 @@ def test_python_m_version() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def request(
     port: int,
     method: str,
@@ -236,18 +230,7 @@ def test_serve_answers_and_logs_without_secrets(tmp_path: Path) -> None:
     stdout_path, stderr_path = tmp_path / "stdout.log", tmp_path / "stderr.log"
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(  # noqa: S603  # our own interpreter and module
-            [
-                sys.executable,
-                "-m",
-                "berry_proxy",
-                "serve",
-                "--config",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            serve_command(config, port),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from berry_proxy.exchange import Attempt, Exchange
 from berry_proxy.relay import StreamRelay
@@ -57,6 +58,24 @@ def collector_off() -> Iterator[None]:
         gc.enable()
 
 
+async def failed_over(server: TestServer, stream: bool, requests: int = 5) -> list[bytes]:
+    """Send ``requests`` chats; each must fail over from up1 to up2. Their bodies."""
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(requests):
+            async with session.post(
+                base_url(server) + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            ) as response:
+                assert response.status == 200
+                assert response.headers["X-Berry-Provider"] == "up2"
+                assert response.headers["X-Berry-Attempts"] == "2"
+                answers.append(await response.read())
+    return answers
+
+
 def survivors() -> list[Any]:
     kinds = (StreamRelay, EventSplitter, Exchange, Attempt)
     return [obj for obj in gc.get_objects() if isinstance(obj, kinds)]
@@ -77,18 +96,8 @@ async def test_failed_stream_attempts_leave_nothing_for_the_collector(
     raw["models"]["gpt-test"]["backends"][1]["priority"] = 1  # the broken one goes first
     raw["settings"]["circuit_breaker_failure_threshold"] = 1000
     server = await start_gateway(raw)
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
-    async with aiohttp.ClientSession() as session:
-        for _ in range(5):
-            async with session.post(
-                base_url(server) + "/v1/chat/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            ) as response:
-                assert response.status == 200
-                assert response.headers["X-Berry-Provider"] == "up2"
-                assert response.headers["X-Berry-Attempts"] == "2"
-                assert (await response.read()).endswith(b"data: [DONE]\n\n")
+    for answer in await failed_over(server, stream=True):
+        assert answer.endswith(b"data: [DONE]\n\n")
     assert survivors() == []
 
 
@@ -104,14 +113,5 @@ async def test_failed_non_stream_attempts_leave_nothing_for_the_collector(
     raw["models"]["gpt-test"]["backends"][1]["priority"] = 1
     raw["settings"]["circuit_breaker_failure_threshold"] = 1000
     server = await start_gateway(raw)
-    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "Hi"}]}
-    async with aiohttp.ClientSession() as session:
-        for _ in range(5):
-            async with session.post(
-                base_url(server) + "/v1/chat/completions",
-                json=body,
-                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
-            ) as response:
-                assert (response.status, response.headers["X-Berry-Provider"]) == (200, "up2")
-                await response.read()
+    await failed_over(server, stream=False)
     assert survivors() == []
