@@ -56,8 +56,12 @@ class GatewayError(Exception):
     status: int = 500  # an instance may narrow it (e.g. a mapped aiohttp HTTP error)
     type: ClassVar[str] = "service_error"
     # The connection cannot carry another request after this answer (e.g. a request body
-    # that was not read to its end): the response closes it.
+    # that was not read to its end): the response says ``Connection: close`` (aiohttp then
+    # reads and discards what the client still sends for a while, so it can read this).
     close_connection: bool = False
+    # Close at once once the answer is written, without reading more from the client: it
+    # stopped sending (408), or its body is broken beyond reading (bad encoding).
+    drop_connection: bool = False
 
     def __init__(
         self,
@@ -118,7 +122,7 @@ class MethodNotAllowed(GatewayError):
 class RequestTimeout(GatewayError):
     status = 408
     type = "invalid_request"
-    close_connection = True
+    drop_connection = True
 
 
 class RequestTooLarge(GatewayError):

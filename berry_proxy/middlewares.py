@@ -50,12 +50,14 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     resource = request.match_info.route.resource
     ctx.route = resource.canonical if resource is not None else "unmatched"
     request[keys.REQUEST_CONTEXT] = ctx
+    drop = False
     try:
         try:
             authorize(request, ctx)
             response = await handler(request)
         except Exception as exc:
             response = shape_error(exc, request, ctx)
+            drop = isinstance(exc, GatewayError) and exc.drop_connection
         ctx.status = response.status
         if not response.prepared:
             # Every response carries its request id. A handler that prepares (streams) a
@@ -63,12 +65,27 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
             headers = response.headers
             headers["X-Request-ID"] = ctx.request_id
             headers["Server"] = SERVER
+            if drop:
+                await send_and_drop(request, response)
         return response
     except asyncio.CancelledError:
         ctx.abort_reason = ctx.abort_reason or "client_disconnected"
         raise
     finally:
         access_log.info("request", **ctx.log_fields(clock()))
+
+
+async def send_and_drop(request: web.Request, response: web.StreamResponse) -> None:
+    """Write ``response``, then close the connection without reading from it again.
+
+    aiohttp would otherwise keep reading (and discarding) the rest of the request body for
+    up to ten seconds, from a client that has stopped sending it, or re-raise the body's
+    decoding error while doing so. The answer is flushed before the socket closes.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def error_response(error: GatewayError) -> web.Response:

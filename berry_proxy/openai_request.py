@@ -72,12 +72,17 @@ class OpenAIRequest:
         return options is not None and options.get("include_usage") is True
 
 
+# stream_options is a small flat object (include_usage, include_obfuscation); the gateway
+# re-encodes it to add include_usage, and refuses deeper nesting than this.
+MAX_STREAM_OPTIONS_DEPTH = 8
+
+
 def decode_top_level(raw: Body) -> dict[str, msgspec.Raw]:
     """The body's top-level members as raw JSON, or a 400 ``invalid_json``.
 
     Validates the whole document (syntax, UTF-8) without building its values.
     """
-    if not raw.strip():
+    if not raw or raw.isspace():  # isspace stops at the first other byte: no copy
         raise InvalidRequest("invalid_json", "The request body must be a JSON object")
     if not raw.isascii():
         try:
@@ -104,7 +109,11 @@ def member_value(members: dict[str, msgspec.Raw], name: str) -> Any:
         return None
     if len(raw) > MAX_DECODED_MEMBER_BYTES:
         raise invalid_parameter(name, f"is larger than {MAX_DECODED_MEMBER_BYTES} bytes")
-    return _VALUE.decode(raw)
+    try:
+        return _VALUE.decode(raw)
+    except msgspec.DecodeError:
+        # Valid JSON msgspec cannot represent, such as a number out of range (1e999).
+        raise invalid_parameter(name, "is not a value the gateway can read") from None
 
 
 def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
@@ -136,6 +145,10 @@ def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
     options = member_value(members, "stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid_parameter("stream_options", "must be an object")
+    if options and _depth(options, MAX_STREAM_OPTIONS_DEPTH) > MAX_STREAM_OPTIONS_DEPTH:
+        raise invalid_parameter(
+            "stream_options", f"is nested deeper than {MAX_STREAM_OPTIONS_DEPTH} levels"
+        )
     return OpenAIRequest(
         raw=raw,
         members=members,
@@ -143,6 +156,23 @@ def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
         stream=endpoint.streams and stream is True,
         stream_options=options,
     )
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests (a scalar is 0), counted up to ``limit`` + 1 at most."""
+    deepest = 0
+    level: list[Any] = [value]
+    while level and deepest <= limit:
+        children: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(item.values())
+            elif isinstance(item, list):
+                children.extend(item)
+        if children or any(isinstance(item, dict | list) for item in level):
+            deepest += 1
+        level = children
+    return deepest
 
 
 def _check_required(members: dict[str, msgspec.Raw], endpoint: Endpoint) -> None:

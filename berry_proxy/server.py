@@ -19,8 +19,13 @@ import signal
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    HttpProcessingError,
+    LineTooLong,
+)
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .context import request_id_from
 from .errors import GatewayError, HeadersTooLarge, InternalError, InvalidRequest
@@ -54,10 +59,25 @@ def parser_error(status: int, exc: BaseException | None) -> GatewayError:
     return InvalidRequest("invalid_http", "The request is not valid HTTP/1.1")
 
 
+# Exceptions aiohttp's connection handler may meet that a client caused (a body it broke
+# off or mis-encoded, a connection it dropped): logged as such, not as server errors.
+CLIENT_CAUSED = (RequestPayloadError, ConnectionError, HttpProcessingError)
+
+
 class GatewayRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors in the SPEC envelope."""
 
     __slots__ = ()
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own error log: one JSON line naming the error's kind, never its text
+        (which may quote request bytes); what a client caused is not an error of ours."""
+        exc = kw.get("exc_info")
+        kind = type(exc).__name__ if isinstance(exc, BaseException) else None
+        if isinstance(exc, CLIENT_CAUSED):
+            log.info("client_connection_error", error=kind)
+        else:
+            log.error("http_server_error", error=kind)
 
     def handle_error(
         self,
