@@ -14,12 +14,10 @@ opt-in of ``stream_options``) replaced, so every other member goes upstream byte
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
-import orjson
 
 from .errors import InvalidRequest, invalid_parameter, missing_parameter
 
@@ -32,7 +30,10 @@ MAX_DECODED_MEMBER_BYTES = 64 * 1024
 
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _VALUE = msgspec.json.Decoder()
-_EMPTY_ARRAY = re.compile(rb"\[\s*\]")
+_ENCODER = msgspec.json.Encoder()
+# First bytes of raw JSON values, as memoryview items (ints).
+_OPEN_ARRAY, _CLOSE_ARRAY, _QUOTE, _NULL = b'[]"n'
+_WHITESPACE = b" \t\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +55,11 @@ _RANGES: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2.0, 2.0),
 }
 _POSITIVE_INTS = ("n", "max_tokens", "max_completion_tokens")
+# The members decoded into Python values: the ones the gateway checks or reads.
+_DECODED = frozenset({"model", "stream", "stream_options", *_RANGES, *_POSITIVE_INTS})
 
 
-@dataclass(frozen=True, slots=True)
-class OpenAIRequest:
+class OpenAIRequest(NamedTuple):
     """A validated request body: its bytes, its top-level members, what the gateway read."""
 
     raw: Body
@@ -105,8 +107,10 @@ def decode_top_level(raw: Body) -> dict[str, msgspec.Raw]:
 def member_value(members: dict[str, msgspec.Raw], name: str) -> Any:
     """The decoded value of a small top-level member (None when absent or null)."""
     raw = members.get(name)
-    if raw is None:
-        return None
+    return None if raw is None else _decode_member(name, raw)
+
+
+def _decode_member(name: str, raw: msgspec.Raw) -> Any:
     if len(raw) > MAX_DECODED_MEMBER_BYTES:
         raise invalid_parameter(name, f"is larger than {MAX_DECODED_MEMBER_BYTES} bytes")
     try:
@@ -119,43 +123,51 @@ def member_value(members: dict[str, msgspec.Raw], name: str) -> Any:
 def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
     """The validated request, or a 400 naming the first bad field."""
     members = decode_top_level(raw)
-    model = member_value(members, "model")
+    # One pass over the members, decoding only those the gateway reads.
+    values = {
+        name: _decode_member(name, member) for name, member in members.items() if name in _DECODED
+    }
+    model = values.get("model")
     if model is None:
         raise missing_parameter("model")
     if not isinstance(model, str) or not model:
         raise invalid_parameter("model", "must be a non-empty string")
     _check_required(members, endpoint)
-    for name, (low, high) in _RANGES.items():
-        value = member_value(members, name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise invalid_parameter(name, "must be a number")
-        if not low <= value <= high:
-            raise invalid_parameter(name, f"must be between {low:g} and {high:g}")
-    for name in _POSITIVE_INTS:
-        value = member_value(members, name)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise invalid_parameter(name, "must be a positive integer")
-    stream = member_value(members, "stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_parameter("stream", "must be a boolean")
-    options = member_value(members, "stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise invalid_parameter("stream_options", "must be an object")
-    if options and _depth(options, MAX_STREAM_OPTIONS_DEPTH) > MAX_STREAM_OPTIONS_DEPTH:
-        raise invalid_parameter(
-            "stream_options", f"is nested deeper than {MAX_STREAM_OPTIONS_DEPTH} levels"
-        )
+    for name, value in values.items():
+        if value is not None:
+            _check_field(name, value)
+    options = values.get("stream_options")
     return OpenAIRequest(
         raw=raw,
         members=members,
         model=model,
-        stream=endpoint.streams and stream is True,
+        stream=endpoint.streams and values.get("stream") is True,
         stream_options=options,
     )
+
+
+def _check_field(name: str, value: Any) -> None:
+    """The documented type and range of one decoded field (not ``model``), or a 400."""
+    bounds = _RANGES.get(name)
+    if bounds is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise invalid_parameter(name, "must be a number")
+        low, high = bounds
+        if not low <= value <= high:
+            raise invalid_parameter(name, f"must be between {low:g} and {high:g}")
+    elif name in _POSITIVE_INTS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise invalid_parameter(name, "must be a positive integer")
+    elif name == "stream":
+        if not isinstance(value, bool):
+            raise invalid_parameter("stream", "must be a boolean")
+    elif name == "stream_options":
+        if not isinstance(value, dict):
+            raise invalid_parameter("stream_options", "must be an object")
+        if _depth(value, MAX_STREAM_OPTIONS_DEPTH) > MAX_STREAM_OPTIONS_DEPTH:
+            raise invalid_parameter(
+                "stream_options", f"is nested deeper than {MAX_STREAM_OPTIONS_DEPTH} levels"
+            )
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -176,31 +188,38 @@ def _depth(value: Any, limit: int) -> int:
 
 
 def _check_required(members: dict[str, msgspec.Raw], endpoint: Endpoint) -> None:
-    """The endpoint's input member is present and of the right kind, judged by its bytes."""
+    """The endpoint's input member is present and of the right kind, judged by its bytes
+    (the document is valid JSON already, so an array has its closing bracket)."""
     name = endpoint.required
     raw = members.get(name)
-    view = None if raw is None else memoryview(raw)
-    if view is None or (len(view) == 4 and view.tobytes() == b"null"):
+    if raw is None:
         raise missing_parameter(name)
-    first = view[:1].tobytes()
+    view = memoryview(raw)
+    first = view[0]
+    if first == _NULL:
+        raise missing_parameter(name)
     if endpoint is CHAT:
-        if first != b"[" or _EMPTY_ARRAY.fullmatch(view):
+        if first != _OPEN_ARRAY:
             raise invalid_parameter("messages", "must be a non-empty array of messages")
-    elif first not in (b"[", b'"'):
+        index = 1
+        while view[index] in _WHITESPACE:
+            index += 1
+        if view[index] == _CLOSE_ARRAY:
+            raise invalid_parameter("messages", "must be a non-empty array of messages")
+    elif first not in (_OPEN_ARRAY, _QUOTE):
         raise invalid_parameter(name, "must be a string or an array")
 
 
 def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -> Body:
-    """The client's request for this backend: only ``model`` (and usage opt-in) rewritten."""
+    """The client's request for this backend: only ``model`` (and usage opt-in) rewritten.
+
+    Every other member goes out as the raw bytes the client sent (``msgspec`` writes a
+    ``Raw`` member as it is); only the top level's punctuation is the gateway's.
+    """
     if request.model == backend_model and not add_usage:
         return request.raw
-    members = dict(request.members)
-    members["model"] = msgspec.Raw(orjson.dumps(backend_model))
+    members: dict[str, Any] = dict(request.members)
+    members["model"] = backend_model
     if add_usage:
-        options = {**(request.stream_options or {}), "include_usage": True}
-        members["stream_options"] = msgspec.Raw(orjson.dumps(options))
-    parts: list[Any] = [b"{"]
-    for name, value in members.items():
-        parts += (orjson.dumps(name), b":", value, b",")
-    parts[-1] = b"}"
-    return b"".join(parts)
+        members["stream_options"] = {**(request.stream_options or {}), "include_usage": True}
+    return _ENCODER.encode(members)

@@ -60,6 +60,8 @@ async def read_body(request: web.Request, limit: int, time_limit: float) -> Body
         if request.version >= HttpVersion11:
             await request.writer.write(CONTINUE)
     try:
+        if request.content.is_eof():
+            return await _read(request, limit)  # all of it is here: nothing to wait for
         async with asyncio.timeout(time_limit):
             return await _read(request, limit)
     except TimeoutError:
