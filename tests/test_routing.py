@@ -423,6 +423,25 @@ def test_every_breaker_open_is_a_503_with_retry_after(
     assert caught.value.headers["Retry-After"] == str(int(timeout - 21))
 
 
+def test_a_model_whose_only_trial_is_taken_is_a_503_retry_after_one_second(
+    config: Config, pool: BackendPool, clock: FakeClock
+) -> None:
+    """Its breaker is half-open, not open: another request holds the trial. Nothing to
+    wait for but that request, so no time in the future: come back in a second."""
+    (only,) = pool.backends["single"]
+    open_breaker(pool, only)
+    clock.now += config.settings.circuit_breaker_timeout_seconds
+    trial = pool.begin(only)
+    assert trial is not None
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            plan(config, pool, "single", "untagged")
+    finally:
+        pool.end(only, trial)
+    assert caught.value.code == "no_healthy_backends"
+    assert caught.value.headers["Retry-After"] == "1"
+
+
 def test_a_half_open_backend_gets_its_trial_first(
     config: Config, pool: BackendPool, clock: FakeClock
 ) -> None:
