@@ -671,6 +671,33 @@ async def test_bodies_stopped_short_of_30_mb_give_their_memory_back_once_answere
     assert await chat_ok(gateway.url) < 2.0
 
 
+async def test_a_declared_length_costs_nothing_until_the_bytes_arrive(
+    gateway_process: ProcessFactory, upstream: FakeUpstream
+) -> None:
+    """20 clients each declare a 32 MiB body and send two bytes of it: the gateway must
+    not allocate what they only promised (640 MiB for 40 bytes)."""
+    raw = gateway_config(upstream)
+    raw["server"]["max_body_bytes"] = 32 * MIB
+    raw["server"]["body_timeout_seconds"] = 30.0
+    gateway = await gateway_process(raw)
+    await chat_ok(gateway.url)
+    idle = gateway.rss_mib
+    head = http_head(
+        "POST", "/v1/chat/completions", [AUTH, JSON, ("Content-Length", str(32 * MIB))]
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(raw_connection(gateway.port)) for _ in range(20)]
+        for conn in clients:
+            await conn.send(head + b"{")
+        # A request through the same loop: by now every handler has read its first byte.
+        assert await chat_ok(gateway.url) < 2.0
+        for conn in clients:
+            await conn.send(b" ")  # a second chunk: the body is being read now
+        assert await chat_ok(gateway.url) < 2.0
+        held = gateway.peak_rss_mib - idle
+    assert held < 32, (idle, held)
+
+
 # --------------------------------------------------------------------------------------
 # 6. Content-Length over the limit; Expect: 100-continue
 # --------------------------------------------------------------------------------------
