@@ -68,6 +68,7 @@ def create_app(
         handler_args={
             "keepalive_timeout": server.keepalive_timeout_seconds,
             "logger": logging.getLogger("berry_proxy.http"),
+            "send_timeout": server.send_timeout_seconds,  # for GatewayRequestHandler
         },
     )
     pool = BackendPool(config, clock, wall_clock)

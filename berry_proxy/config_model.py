@@ -58,6 +58,9 @@ class ServerConfig:
     keepalive_timeout_seconds: float = 15.0
     # The whole request body must arrive within this long after its headers.
     body_timeout_seconds: float = 60.0
+    # A client that takes nothing of an answer the gateway writes for this long is
+    # dropped (streams and proxied answers use their provider's idle_timeout_seconds).
+    send_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,7 @@ class ServerSchema(_Strict):
     drain_timeout_seconds = StrictFloat(validate=validate.Range(min=0))
     keepalive_timeout_seconds = _positive()
     body_timeout_seconds = _positive()
+    send_timeout_seconds = _positive()
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:

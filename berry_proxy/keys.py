@@ -33,3 +33,6 @@ STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 
 REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context")
 USER: web.RequestKey[UserConfig] = web.RequestKey("user")
+# Seconds a client may take nothing of this request's answer before it is dropped, when
+# not the server's send_timeout_seconds (a proxied answer: its provider's idle limit).
+SEND_TIMEOUT: web.RequestKey[float] = web.RequestKey("send_timeout")

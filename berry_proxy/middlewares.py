@@ -83,8 +83,11 @@ async def send_and_drop(request: web.Request, response: web.StreamResponse) -> N
     decoding error while doing so. The answer is flushed before the socket closes.
     """
     response.force_close()
-    await response.prepare(request)
-    await response.write_eof()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # it left first: nothing to send it
     request.protocol.force_close()
 
 

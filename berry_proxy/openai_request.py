@@ -14,6 +14,7 @@ opt-in of ``stream_options``) replaced, so every other member goes upstream byte
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -86,11 +87,8 @@ def decode_top_level(raw: Body) -> dict[str, msgspec.Raw]:
     """
     if not raw or raw.isspace():  # isspace stops at the first other byte: no copy
         raise InvalidRequest("invalid_json", "The request body must be a JSON object")
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidRequest("invalid_json", "The request body is not valid UTF-8") from None
+    if not raw.isascii() and not _valid_utf8(raw):
+        raise InvalidRequest("invalid_json", "The request body is not valid UTF-8")
     try:
         return _TOP_LEVEL.decode(raw)
     except msgspec.ValidationError:
@@ -102,6 +100,22 @@ def decode_top_level(raw: Body) -> dict[str, msgspec.Raw]:
         raise InvalidRequest(
             "invalid_json", "The request body is nested too deeply to be a sane request"
         ) from None
+
+
+# UTF-8 is checked in slices of this size, so the check never holds the body as text.
+_UTF8_SLICE = 64 * 1024
+
+
+def _valid_utf8(raw: Body) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with memoryview(raw) as view:
+            for start in range(0, len(view), _UTF8_SLICE):
+                decoder.decode(view[start : start + _UTF8_SLICE])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def member_value(members: dict[str, msgspec.Raw], name: str) -> Any:
@@ -210,13 +224,21 @@ def _check_required(members: dict[str, msgspec.Raw], endpoint: Endpoint) -> None
         raise invalid_parameter(name, "must be a string or an array")
 
 
+def _duplicates_possible(raw: Body) -> bool:
+    """Could ``raw`` name ``model`` or ``stream`` twice? The gateway reads the last one
+    (as msgspec does); a provider might read the first, and serve a model the user may
+    not use. Rebuilding the top level keeps one of each. (The check counts every quoted
+    ``"model"``, nested ones too: a false alarm only costs the rebuild.)"""
+    return raw.count(b'"model"') > 1 or raw.count(b'"stream"') > 1
+
+
 def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -> Body:
     """The client's request for this backend: only ``model`` (and usage opt-in) rewritten.
 
     Every other member goes out as the raw bytes the client sent (``msgspec`` writes a
     ``Raw`` member as it is); only the top level's punctuation is the gateway's.
     """
-    if request.model == backend_model and not add_usage:
+    if request.model == backend_model and not add_usage and not _duplicates_possible(request.raw):
         return request.raw
     members: dict[str, Any] = dict(request.members)
     members["model"] = backend_model

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import web
 
+from .client_connection import drop_connection
 from .context import RequestContext
 from .deadline import Phase, Watchdog
 from .errors import FailureKind, UpstreamFailure, upstream_errors
@@ -40,9 +42,11 @@ from .outcomes import Outcomes
 from .response_headers import STREAM_HEADERS, served_by
 from .sse import EventKind, EventSplitter, EventTooLarge, classify, error_event
 from .stream_filter import StreamEnd, forwardable
+from .unary import MAX_ERROR_BODY_BYTES
 from .upstream import UpstreamResponse, passable_response_headers
 
 Clock = Callable[[], float]
+_T = TypeVar("_T")
 
 error_log = get_logger("berry_proxy.errors")
 
@@ -65,6 +69,7 @@ class StreamRelay:
         "ctx",
         "end",
         "endpoint",
+        "error_sent",
         "exchange",
         "held",
         "outcomes",
@@ -101,6 +106,7 @@ class StreamRelay:
         self.started = 0.0  # when the attempt began (clock seconds)
         self.answered_at: float | None = None  # when the answer became final (TTFT)
         self.end = StreamEnd.BROKEN
+        self.error_sent = False  # the one error event has gone out (or is going)
 
     async def run(self) -> web.StreamResponse:
         """Relay the stream; raises ``UpstreamFailure`` for a failure before the commit."""
@@ -167,7 +173,7 @@ class StreamRelay:
 
     async def _open(self) -> web.Response | None:
         """Read up to the commit point; a caller error comes back as the response to give."""
-        attempt, ctx = self.attempt, self.ctx
+        attempt = self.attempt
         backend = attempt.backend
         config = backend.provider.config
         with upstream_errors("first byte"):
@@ -175,20 +181,7 @@ class StreamRelay:
                 self.endpoint.upstream_path, backend.config.model, attempt.body, attempt.headers
             )
         if upstream.status != 200:
-            with upstream_errors("response"):
-                body = await upstream.read(config.max_response_bytes)
-            failure = upstream.failure()
-            if failure is not None:
-                raise failure
-            # A caller error (4xx) answered before any event: pass it through as is.
-            self.end = StreamEnd.DONE
-            answered_at = self.clock()
-            self._answered(answered_at)
-            if attempt.adapter.redact:
-                body = attempt.adapter.redact(body)
-            headers = passable_response_headers(upstream.headers)
-            headers.update(served_by(ctx, backend, answered_at))
-            return web.Response(body=body, status=upstream.status, headers=headers)
+            return await self._pass_through(upstream)
         if not upstream.content_type.startswith("text/event-stream"):
             raise UpstreamFailure(
                 FailureKind.PROTOCOL, "upstream did not answer with an event stream"
@@ -212,7 +205,7 @@ class StreamRelay:
                 watchdog.progress()
             arrived_at = self.clock()
             splitter.push(chunk)
-            while (event := self._pop()) is not None:
+            while (event := self._guarded(splitter.pop)) is not None:
                 kind, _ = classify(event)
                 if kind is EventKind.INVALID:
                     raise UpstreamFailure(
@@ -226,20 +219,42 @@ class StreamRelay:
                 held_bytes += len(event)
                 if kind in _COMMITTING or held_bytes > MAX_HELD_BYTES:
                     # Events that arrived with the committing one stay in the splitter;
-                    # the copy loop sends them right after these.
+                    # the copy loop sends them right after these. Too much of an
+                    # unfinished one among them fails over now, before anything is sent.
+                    self._guarded(splitter.check_pending)
                     self._answered(arrived_at)
                     return None
+
+    async def _pass_through(self, upstream: UpstreamResponse) -> web.Response:
+        """A non-200 answer before any event: a failure, or a caller error (4xx) that goes
+        back to the client as it is."""
+        failure = upstream.failure()
+        if failure is not None:
+            raise failure  # its body is not read; the connection is closed
+        with upstream_errors("response"):
+            body = await upstream.read(MAX_ERROR_BODY_BYTES)
+        self.end = StreamEnd.DONE
+        answered_at = self.clock()
+        self._answered(answered_at)
+        redact = self.attempt.adapter.redact
+        if redact:
+            body = redact(body)
+        headers = passable_response_headers(upstream.headers)
+        headers.update(served_by(self.ctx, self.attempt.backend, answered_at))
+        return web.Response(body=body, status=upstream.status, headers=headers)
+
+    @staticmethod
+    def _guarded(step: Callable[[], _T]) -> _T:
+        """``step()``, with too much of an unfinished event meaning a protocol failure."""
+        try:
+            return step()
+        except EventTooLarge as exc:
+            raise UpstreamFailure(FailureKind.PROTOCOL, f"upstream sent {exc}") from None
 
     def _answered(self, at: float) -> None:
         """The answer became final at ``at``: until then the gateway waited upstream."""
         self.answered_at = at
         self.ctx.upstream_seconds += at - self.started
-
-    def _pop(self) -> bytes | None:
-        try:
-            return self.splitter.pop()
-        except EventTooLarge as exc:
-            raise UpstreamFailure(FailureKind.PROTOCOL, f"upstream sent {exc}") from None
 
     # ----------------------------------------------------------------------------------
     # 2. Commit and 3. copy
@@ -354,7 +369,8 @@ class StreamRelay:
         message = _TIMEOUT_MESSAGES[expired]
         if self.response is None:
             raise UpstreamFailure(FailureKind.TIMEOUT, message)
-        if expired is Phase.CLIENT:
+        if expired is Phase.CLIENT or self.error_sent:
+            # The client stopped reading (perhaps the one error event, already recorded).
             self._drop_client()
             return
         failure = UpstreamFailure(FailureKind.TIMEOUT, message)
@@ -374,13 +390,15 @@ class StreamRelay:
         self.end = StreamEnd.CLIENT_GONE
         transport = self.request.transport
         if transport is not None:
-            transport.abort()
+            drop_connection(transport)
 
     async def _send_error_event(self, code: str, message: str) -> StreamEnd:
         assert self.response is not None  # noqa: S101  # committed
         event = error_event(
             {"error": {"type": "service_error", "code": code, "message": message, "param": None}}
         )
+        self.error_sent = True  # the stream's one error event, even if its write stalls
+        self.watchdog.phase = Phase.CLIENT
         try:
             await self.response.write(event)
         except ConnectionResetError:

@@ -8,6 +8,13 @@ SPEC's JSON envelope instead (431 ``request_headers_too_large`` for oversize hea
 ``invalid_http`` otherwise), with ``X-Request-ID``, and logs one JSON line that names the
 kind of error and never a byte of the request.
 
+It also bounds what aiohttp writes: a response whose write could wait on the client
+(a large body, or a connection whose earlier answers the client has not taken yet: a
+pipelining client that never reads) is written under a ``SendGuard``, and a client that
+takes nothing of it for the request's ``SEND_TIMEOUT`` (a proxied answer: its provider's
+idle limit), else ``server.send_timeout_seconds``, is dropped. Small answers to a client
+that reads are written as before, with no timer.
+
 ``GatewayRunner`` is aiohttp's ``AppRunner`` serving with that handler; the CLI and the
 tests both run the app through it (``serve``, ``tests/conftest.py``).
 """
@@ -26,7 +33,10 @@ from aiohttp.http_exceptions import (
     LineTooLong,
 )
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 
+from . import keys
+from .client_connection import drop_connection
 from .context import request_id_from
 from .errors import GatewayError, HeadersTooLarge, InternalError, InvalidRequest
 from .log import get_logger
@@ -64,10 +74,78 @@ def parser_error(status: int, exc: BaseException | None) -> GatewayError:
 CLIENT_CAUSED = (RequestPayloadError, ConnectionError, HttpProcessingError)
 
 
-class GatewayRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors in the SPEC envelope."""
+# aiohttp's writer sends without waiting while less than this is buffered (its LIMIT).
+UNBLOCKED_WRITE_BYTES = 64 * 1024
+DEFAULT_SEND_TIMEOUT_SECONDS = 60.0
 
-    __slots__ = ()
+
+class SendGuard:
+    """Expires the enclosing ``asyncio.timeout(None)`` block when a transport's write
+    buffer has not shrunk for ``gap`` seconds: the client takes nothing.
+
+    The first check only notes the buffer's size (the write may have just filled it), so
+    a client that never reads is dropped within two gaps.
+    """
+
+    __slots__ = ("_gap", "_handle", "_loop", "_size", "_timeout", "_transport")
+
+    def __init__(self, timeout: asyncio.Timeout, transport: asyncio.BaseTransport, gap: float):
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._transport = transport
+        self._gap = gap
+        self._size: int | None = None
+        self._handle = self._loop.call_later(gap, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        size = _buffered(self._transport)
+        if self._size is None or size < self._size:
+            self._size = size
+            self._handle = self._loop.call_later(self._gap, self._check)
+        else:
+            self._timeout.reschedule(self._loop.time())
+
+
+def _buffered(transport: asyncio.BaseTransport) -> int:
+    get_size = getattr(transport, "get_write_buffer_size", None)
+    return int(get_size()) if get_size is not None else 0
+
+
+class GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors in the SPEC envelope and
+    bounding how long a client may leave an answer untaken."""
+
+    __slots__ = ("_send_timeout",)
+
+    def __init__(
+        self, manager: web.Server, *, send_timeout: float = DEFAULT_SEND_TIMEOUT_SECONDS, **kw: Any
+    ) -> None:
+        super().__init__(manager, **kw)
+        self._send_timeout = send_timeout
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        transport = self.transport
+        if transport is None or (_buffered(transport) == 0 and _fits(resp)):
+            return await super().finish_response(request, resp, start_time)
+        gap = request.get(keys.SEND_TIMEOUT, self._send_timeout)
+        try:
+            async with asyncio.timeout(None) as timeout:
+                guard = SendGuard(timeout, transport, gap)
+                try:
+                    return await super().finish_response(request, resp, start_time)
+                finally:
+                    guard.cancel()
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+        log.info("client_stalled", status=resp.status, send_timeout=gap)
+        drop_connection(transport)
+        return resp, True
 
     def log_exception(self, *args: Any, **kw: Any) -> None:
         """aiohttp's own error log: one JSON line naming the error's kind, never its text
@@ -77,7 +155,8 @@ class GatewayRequestHandler(RequestHandler):
         if isinstance(exc, CLIENT_CAUSED):
             log.info("client_connection_error", error=kind)
         else:
-            log.error("http_server_error", error=kind)
+            # A bug of ours: with its traceback (no frame locals: see log.py).
+            log.error("http_server_error", error=kind, exc_info=exc)
 
     def handle_error(
         self,
@@ -96,7 +175,8 @@ class GatewayRequestHandler(RequestHandler):
             "error": type(exc).__name__ if exc is not None else None,
         }
         if error.status >= 500:
-            log.error("request_unhandled", **fields)
+            # An exception that got past the middleware: a bug of ours, with its traceback.
+            log.error("request_unhandled", **fields, exc_info=exc)
         else:
             log.warning("request_unreadable", **fields)
         if request.writer.output_size > 0:
@@ -109,6 +189,14 @@ class GatewayRequestHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+def _fits(resp: web.StreamResponse) -> bool:
+    """Will writing the rest of ``resp`` return at once, whatever the client does?"""
+    if resp.prepared:
+        return True  # streamed by its handler: only the end-of-body marker is left
+    length = resp.content_length
+    return length is not None and length <= UNBLOCKED_WRITE_BYTES
 
 
 class GatewayServer(web.Server):

@@ -11,9 +11,11 @@ import enum
 import re
 from typing import Any
 
+import msgspec
 import orjson
 
 DONE_DATA = b"[DONE]"
+_BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 
 class EventTooLarge(Exception):
@@ -114,11 +116,21 @@ class EventSplitter:
         self._position = end
         # Nothing after the last boundary holds another: search only new bytes next time.
         self._searched = max(0, len(data) - end - 1)
-        self._check_pending()
+        self.check_pending()
         return self._slice(start, end)
 
-    def _check_pending(self) -> None:
-        if len(self._buffer) - self._position > self.max_pending:
+    def check_pending(self) -> None:
+        """Raise ``EventTooLarge`` if the unfinished event at the end of what is pending is
+        over the cap (whole events not taken yet do not count)."""
+        data, start = self._buffer, self._position
+        if len(data) - start <= self.max_pending:
+            return
+        last = start  # where the unfinished tail begins
+        for boundary in _BOUNDARIES if self._carriage_returns else _BOUNDARIES[:1]:
+            found = data.rfind(boundary, start)
+            if found >= 0:
+                last = max(last, found + len(boundary))
+        if len(data) - last > self.max_pending:
             raise EventTooLarge(f"more than {self.max_pending} bytes without an event boundary")
 
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -179,22 +191,62 @@ class EventKind(enum.Enum):
     INVALID = "invalid"  # not JSON
 
 
+# An event is decoded only to its top level, and of that only the members the gateway
+# reads, each when it is at most this large: a hostile 1 MiB event of tiny objects costs
+# one pass over its bytes, never a million Python objects.
+MAX_READ_MEMBER_BYTES = 64 * 1024
+_READ_MEMBERS = ("error", "choices", "usage")
+_TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_VALUE = msgspec.json.Decoder()
+
+
+class _Large:
+    """Stands for a member too large to decode (see ``MAX_READ_MEMBER_BYTES``)."""
+
+    def __repr__(self) -> str:
+        return "<too large to read>"
+
+
+LARGE = _Large()
+
+
+def read_members(data: bytes) -> dict[str, Any] | None:
+    """The members of a JSON object the gateway reads (``error``, ``choices``, ``usage``),
+    decoded, or ``LARGE``; None when ``data`` is not a JSON object."""
+    try:
+        members = _TOP_LEVEL.decode(data)
+    except (msgspec.DecodeError, RecursionError):  # ValidationError: JSON, not an object
+        return None
+    payload: dict[str, Any] = {}
+    for name in _READ_MEMBERS:
+        raw = members.get(name)
+        if raw is None:
+            continue
+        if len(raw) > MAX_READ_MEMBER_BYTES:
+            payload[name] = LARGE
+            continue
+        try:
+            payload[name] = _VALUE.decode(raw)
+        except msgspec.DecodeError:  # e.g. a number out of range: not a usable value
+            payload[name] = LARGE
+    return payload
+
+
 def classify(event: bytes) -> tuple[EventKind, Any]:
-    """What an event means for the commit decision, with its parsed payload."""
+    """What an event means for the commit decision, with the members read of it."""
     data = event_data(event)
     if data is None:
         return EventKind.PREAMBLE, None
     if data == DONE_DATA:
         return EventKind.DONE, None
-    try:
-        payload = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return EventKind.INVALID, None
-    if not isinstance(payload, dict):
+    payload = read_members(data)
+    if payload is None:
         return EventKind.INVALID, None
     if payload.get("error") is not None:
         return EventKind.ERROR, payload
     choices = payload.get("choices")
+    if choices is LARGE:
+        return EventKind.CONTENT, payload  # 64 KiB of choices is not a role-only preamble
     if not choices:
         return (EventKind.USAGE if payload.get("usage") else EventKind.PREAMBLE), payload
     for choice in choices if isinstance(choices, list) else ():

@@ -1,14 +1,17 @@
 """A non-streaming answer: one upstream response, read whole, checked, passed back.
 
 Bounds: the exchange (send, headers, body) within the provider's total timeout and the
-request's deadline; the body within ``max_response_bytes`` after decompression. A 200 that
-is not JSON is a protocol failure (the next backend may do better); it is checked by
-``msgspec`` down to the top level without building the document, so a huge answer costs
-one pass over its bytes. The provider's own secrets are redacted from the body.
+request's deadline; the body within ``max_response_bytes`` after decompression, or
+``MAX_ERROR_BODY_BYTES`` for a caller error passed through. A failure's body (5xx, 429,
+401/403, a redirect) is never read: the status says all, and a hostile upstream must not
+make each attempt hold ``max_response_bytes``. A 200 that is not JSON is a protocol failure
+(the next backend may do better); it is checked by ``msgspec`` down to the top level
+without building the document, so a huge answer costs one pass over its bytes, and only
+a small ``usage`` member is decoded. The provider's own secrets are redacted from the body.
 
-Writing the answer: a body that fits the socket's buffers is left to aiohttp; a larger
-one is written here, where a client that stops reading is cut off after the provider's
-idle limit (``abort_reason: client_stalled``) instead of holding its buffer forever.
+The answer is written by aiohttp once the connection slot is given back;
+``server.GatewayRequestHandler`` drops a client that takes nothing of it for the
+provider's idle limit (set here as the request's ``SEND_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
+from . import keys
 from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS
 from .context import RequestContext
 from .errors import FailureKind, UpstreamFailure, upstream_errors
@@ -26,14 +30,14 @@ from .exchange import Attempt, Exchange
 from .openai_request import Endpoint
 from .outcomes import Outcomes
 from .response_headers import served_by
-from .sse import usage_of
+from .sse import MAX_READ_MEMBER_BYTES, usage_of
 from .upstream import UpstreamResponse, passable_response_headers
 
 Clock = Callable[[], float]
 
-# aiohttp writes without waiting while its buffer holds less than this (its writer's
-# LIMIT): a smaller answer cannot stall on a client that does not read.
-UNBLOCKED_WRITE_BYTES = 64 * 1024
+# A caller error's body (passed through as it is) is at most this large; a larger one is
+# not an error message but a broken answer.
+MAX_ERROR_BODY_BYTES = 1024 * 1024
 
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _VALUE = msgspec.json.Decoder()
@@ -60,7 +64,14 @@ async def unary(
                 upstream = await attempt.adapter.send(
                     endpoint.upstream_path, backend.config.model, attempt.body, attempt.headers
                 )
-                data = await upstream.read(config.max_response_bytes)
+                failure = upstream.failure()
+                if failure is not None:
+                    raise failure  # its body is not read; the connection is closed
+                status = upstream.status
+                ok = 200 <= status < 300
+                data = await upstream.read(
+                    config.max_response_bytes if ok else MAX_ERROR_BODY_BYTES
+                )
         finished = True
     finally:
         latency = clock() - started
@@ -68,11 +79,7 @@ async def unary(
         if upstream is not None and not finished:
             upstream.abort()
 
-    assert upstream is not None  # noqa: S101  # read, or raised above
-    failure = upstream.failure()
-    if failure is not None:
-        raise failure
-    if 200 <= upstream.status < 300:
+    if ok:
         prompt, completion = _usage(data)
         ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
         outcomes.served(exchange, latency)
@@ -81,10 +88,8 @@ async def unary(
         data = attempt.adapter.redact(data)
     headers = passable_response_headers(upstream.headers)
     headers.update(served_by(ctx, backend, clock()))
-    response = web.Response(body=data, status=upstream.status, headers=headers)
-    if len(data) > UNBLOCKED_WRITE_BYTES:
-        await _write_bounded(request, ctx, response, config.idle_timeout_seconds)
-    return response
+    request[keys.SEND_TIMEOUT] = config.idle_timeout_seconds
+    return web.Response(body=data, status=status, headers=headers)
 
 
 def _usage(data: bytes) -> tuple[int | None, int | None]:
@@ -97,28 +102,12 @@ def _usage(data: bytes) -> tuple[int | None, int | None]:
         raise UpstreamFailure(
             FailureKind.PROTOCOL, "upstream answered 200 with a body that is not JSON"
         ) from None
-    if "usage" not in document:
-        return None, None
+    raw = document.get("usage")
+    if raw is None or len(raw) > MAX_READ_MEMBER_BYTES:
+        return None, None  # none, or too large to be a real one: not built into objects
     try:
-        usage = _VALUE.decode(document["usage"])
-    except (msgspec.DecodeError, RecursionError):  # pragma: no cover - validated above
+        usage = _VALUE.decode(raw)
+    except msgspec.DecodeError:  # e.g. a number out of range
         return None, None
     prompt, completion, _ = usage_of({"usage": usage})
     return prompt, completion
-
-
-async def _write_bounded(
-    request: web.Request, ctx: RequestContext, response: web.Response, idle: float
-) -> None:
-    """Send ``response`` now, giving up on a client that reads nothing for ``idle`` s."""
-    try:
-        await response.prepare(request)
-        async with asyncio.timeout(idle):
-            await response.write_eof()
-    except TimeoutError:
-        ctx.abort_reason = "client_stalled"
-        transport = request.transport
-        if transport is not None:
-            transport.abort()  # drop what is buffered for it, and the connection
-    except ConnectionResetError:
-        ctx.abort_reason = "client_disconnected"

@@ -220,7 +220,9 @@ class Adapter(abc.ABC):
 
     def __init__(self, provider: ProviderConfig) -> None:
         self.provider = provider
-        self.redact = Redactor(provider)
+        # None when the provider has no secret to redact: nothing to do per block.
+        redactor = Redactor(provider)
+        self.redact: Redactor | None = redactor if redactor else None
 
     @abc.abstractmethod
     async def send(

@@ -42,6 +42,7 @@ import contextlib
 import gzip
 import io
 import re
+import socket
 import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -53,6 +54,7 @@ import msgspec
 import openai
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -1231,6 +1233,10 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(
         started = time.monotonic()
         latency = await chat_ok(base_url(server), within=10.0)
         freed_after = time.monotonic() - started
+        if not stream:
+            # That answer's write waits on the stalled client; it stays stalled for three
+            # times the idle limit (the gateway gives it two gaps without progress).
+            await asyncio.sleep(3 * idle)
         # Now read what the gateway had sent the stalled client: not all of it.
         received = 0
         with contextlib.suppress(ConnectionError):
@@ -1241,10 +1247,92 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(
                         break
                     received += len(data)
     full = len(BIG_ANSWER_CONTENT) if not stream else BIG_EVENTS * len(BIG_EVENT_CONTENT)
-    assert received < full, (received, full)
-    # The stalled client held the only slot until it was dropped (so the wait was real),
-    # and no longer than about the idle limit.
-    assert 0.5 * idle < freed_after < 3 * idle + 1, (freed_after, latency)
+    assert received < full, (received, full)  # ... and it was dropped (the read ended)
+    if stream:
+        # A stream holds its slot while it is written: the stalled client held the only
+        # slot until it was dropped (so the wait was real), no longer than the idle limit.
+        assert 0.5 * idle < freed_after < 3 * idle + 1, (freed_after, latency)
+    else:
+        # A non-stream answer is written after its slot went back: no wait at all.
+        assert freed_after < 0.5 * idle, (freed_after, latency)
     if stream:
         async with asyncio.timeout(2):
             await flood.cut.wait()  # the upstream stream was closed too
+
+
+# --------------------------------------------------------------------------------------
+# 13. Answers aiohttp writes: bounded by progress, not by their size
+# --------------------------------------------------------------------------------------
+
+
+async def test_a_pipelining_client_that_never_reads_is_dropped(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """Thousands of pipelined requests, no answer ever read: the answers pile up in the
+    connection's buffers until writing one waits on the client; the gateway then drops it
+    after ``send_timeout_seconds`` without progress instead of holding it forever."""
+    raw = gateway_config(upstream)
+    raw["server"]["send_timeout_seconds"] = 0.5
+    server = await start_gateway(raw)
+    request = http_head("GET", "/v1/health")
+    with structlog.testing.capture_logs() as logs:
+        async with raw_connection(server.port) as client:
+            sock = client.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for _ in range(200):  # 20 000 requests, 200 writes (bounded)
+                if not await client.try_send(request * 100):
+                    break
+            async with asyncio.timeout(10):
+                # Nothing is read meanwhile (reading would let the gateway go on); the
+                # drop shows only as a log line, with no event to await.
+                while not any(line["event"] == "client_stalled" for line in logs):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            closed = await client.closed_within(5.0) - client.opened
+    assert closed < 10.0
+
+
+@dataclass
+class BigAnswer:
+    """A chat upstream answering one 4 MiB completion."""
+
+    server: TestServer | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.Response:
+        await request.read()
+        answer = chat_completion("up-model")
+        answer["choices"][0]["message"]["content"] = "z" * (4 * MIB)
+        return web.json_response(answer)
+
+
+async def test_a_client_reading_a_large_answer_slowly_but_steadily_gets_all_of_it(
+    aiohttp_server: ServerFactory, start_gateway: GatewayFactory
+) -> None:
+    """The idle limit bounds the gap between progress, not the whole write: a client
+    taking 4 MiB through a 256 KiB socket buffer, a read every 80 ms, takes over a second:
+    more than twice the 0.5 s limit (a write bounded as a whole would be cut). It is not."""
+    big = BigAnswer()
+    big.server = await aiohttp_server(big.app())
+    raw = gateway_config(FakeUpstream(server=big.server))
+    raw["providers"]["up1"]["idle_timeout_seconds"] = 0.5
+    server = await start_gateway(raw)
+    received = bytearray()
+    async with raw_connection(server.port) as client:
+        sock = client.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+        await client.send(chat_request() + http_head("GET", "/v1/health"))
+        async with asyncio.timeout(30):
+            for _ in range(10_000):  # bounded: 4 MiB in reads of tens of KiB, with slack
+                data = await client.reader.read(256 * 1024)
+                received += data
+                if not data or b'{"status":"ok"' in received[-200:]:
+                    break
+                await asyncio.sleep(0.08)  # a slow reader
+    # The whole 4 MiB answer, then the next one on the same connection: it was not cut.
+    assert received.count(b"HTTP/1.1 200 OK") == 2
+    assert b'{"status":"ok"' in received[-200:]
+    assert len(received) > 4 * MIB

@@ -1217,3 +1217,114 @@ async def test_broken_http_from_the_upstream_fails_over_or_502_never_500(
         assert code == 502, answer[:300]
         assert orjson.loads(answer)["error"]["code"] == "upstream_error"
     assert upstream.requests == []  # up1's fake never served: the raw server did
+
+
+# --------------------------------------------------------------------------------------
+# 10. Failure bodies, oversize error bodies, a usage member of tiny objects
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class HugeFailure(Hostile):
+    """Answers every chat with ``status`` and a 400 MB body behind it."""
+
+    status: int = 500
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(
+            status=self.status, headers={"Content-Type": "application/json"}
+        )
+        response.content_length = HUGE_BODY_BYTES
+        head = b'{"error": {"message": "'
+        return await self.push(request, response, head, FILLER, HUGE_BODY_BYTES - len(head))
+
+
+@pytest.mark.parametrize(("status", "stream"), [(500, False), (429, False), (503, True)])
+async def test_a_failures_body_is_never_read(
+    aiohttp_server: ServerFactory,
+    upstream2: FakeUpstream,
+    start_gateway: GatewayFactory,
+    status: int,
+    stream: bool,
+) -> None:
+    """The status says all: with the default 128 MiB answer limit, the gateway still
+    closes the connection at once instead of reading up to the limit to throw it away."""
+    hostile = await serve(aiohttp_server, HugeFailure(status=status))
+    server = await start_gateway(failover_config(hostile.upstream(), upstream2))
+    status_seen, headers, _ = await post(base_url(server), STREAM_CHAT if stream else CHAT)
+    assert (status_seen, headers["X-Berry-Provider"]) == (200, "up2")
+    await hostile.until(hostile.settled)
+    assert hostile.cut == hostile.answers >= 1
+    assert hostile.most < CUT_EARLY_BYTES, f"{hostile.most / MIB:.0f} MiB of a failure's body"
+
+
+@dataclass
+class HugeCallerError(Hostile):
+    """Answers a 400 "caller error" whose body is far larger than any error message."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+        response.content_length = 10 * MIB
+        head = b'{"error": {"message": "'
+        return await self.push(request, response, head, FILLER, 10 * MIB - len(head))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_caller_error_larger_than_any_message_is_a_broken_answer(
+    aiohttp_server: ServerFactory,
+    upstream2: FakeUpstream,
+    start_gateway: GatewayFactory,
+    stream: bool,
+) -> None:
+    hostile = await serve(aiohttp_server, HugeCallerError())
+    server = await start_gateway(failover_config(hostile.upstream(), upstream2))
+    status, headers, _ = await post(base_url(server), STREAM_CHAT if stream else CHAT)
+    assert (status, headers["X-Berry-Provider"], headers["X-Berry-Attempts"]) == (200, "up2", "2")
+
+
+@dataclass
+class TinyObjectsUsage(Hostile):
+    """A 200 chat completion whose ``usage`` is 24 MiB of empty objects."""
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await chat_body(request)
+        answer = orjson.dumps(chat_completion(body["model"]))
+        usage = b'"usage": [' + b"{}," * (8 * MIB) + b"{}]"
+        self.answers += 1
+        self.finished += 1
+        return web.Response(
+            body=answer[:-1] + b", " + usage + b"}", content_type="application/json"
+        )
+
+
+async def test_a_usage_member_of_tiny_objects_is_not_built_into_objects(
+    aiohttp_server: ServerFactory, gateway_process: ProcessFactory, upstream2: FakeUpstream
+) -> None:
+    hostile = await serve(aiohttp_server, TinyObjectsUsage())
+    raw = with_warm_model(with_lone_model(gateway_config(hostile.upstream(), upstream2)), "up2")
+    gateway = await gateway_process(raw)
+    idle = await idle_rss(gateway)
+    status, _, body = await post(gateway.url, {**CHAT, "model": "lone"})
+    assert status == 200
+    assert orjson.loads(body)["choices"][0]["message"]["content"] == CONTENT
+    size_mib = len(body) / MIB
+    # The answer is held and written (a few copies of 24 MiB); decoding its usage into
+    # Python objects cost ~600 MiB more.
+    assert gateway.peak_rss_mib - idle < 4 * size_mib + RSS_HEADROOM_MIB, (idle, size_mib)

@@ -16,12 +16,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestServer
 
 from berry_proxy.exchange import Attempt, Exchange
 from berry_proxy.relay import StreamRelay
 from berry_proxy.sse import EventSplitter
+from berry_proxy.upstream import HttpUpstreamResponse
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -77,7 +78,7 @@ async def failed_over(server: TestServer, stream: bool, requests: int = 5) -> li
 
 
 def survivors() -> list[Any]:
-    kinds = (StreamRelay, EventSplitter, Exchange, Attempt)
+    kinds = (StreamRelay, EventSplitter, Exchange, Attempt, HttpUpstreamResponse, ClientResponse)
     return [obj for obj in gc.get_objects() if isinstance(obj, kinds)]
 
 
@@ -114,4 +115,35 @@ async def test_failed_non_stream_attempts_leave_nothing_for_the_collector(
     raw["settings"]["circuit_breaker_failure_threshold"] = 1000
     server = await start_gateway(raw)
     await failed_over(server, stream=False)
+    assert survivors() == []
+
+
+async def test_timed_out_and_oversize_attempts_leave_nothing_for_the_collector(
+    aiohttp_server: ServerFactory,
+    start_gateway: GatewayFactory,
+    upstream: FakeUpstream,
+    upstream2: FakeUpstream,
+    collector_off: None,
+) -> None:
+    """The watchdog's timeout, and an event over ``max_event_bytes``, end attempts too."""
+    upstream.mode = "stall"  # never answers: the first-byte timeout ends the attempt
+    raw = gateway_config(upstream, upstream2)
+    raw["models"]["gpt-test"]["strategy"] = "failover"
+    raw["models"]["gpt-test"]["backends"][1]["priority"] = 1
+    raw["providers"]["up1"]["first_byte_timeout_seconds"] = 0.2
+    raw["settings"]["circuit_breaker_failure_threshold"] = 1000
+    server = await start_gateway(raw)
+    await failed_over(server, stream=True, requests=3)
+    assert survivors() == []
+
+    broken = web.Application()
+    broken.router.add_post("/v1/chat/completions", half_an_event_then_hang_up)
+    first = FakeUpstream(server=await aiohttp_server(broken))
+    raw = gateway_config(first, upstream2)
+    raw["models"]["gpt-test"]["strategy"] = "failover"
+    raw["models"]["gpt-test"]["backends"][1]["priority"] = 1
+    raw["providers"]["up1"]["max_event_bytes"] = 64 * 1024  # under what it sends
+    raw["settings"]["circuit_breaker_failure_threshold"] = 1000
+    server = await start_gateway(raw)
+    await failed_over(server, stream=True, requests=3)
     assert survivors() == []

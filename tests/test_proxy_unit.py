@@ -8,6 +8,7 @@ direction.
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import msgspec
@@ -440,3 +441,45 @@ def test_headers_named_in_connection_are_hop_by_hop() -> None:
         {"Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "s", "X-Trace": "t"}
     )
     assert forwardable_request_headers(request) == {"X-Trace": "t"}
+
+
+# --------------------------------------------------------------------------------------
+# What the gateway checks is what goes upstream; checking costs no copy of the body
+# --------------------------------------------------------------------------------------
+
+
+def test_a_body_naming_model_twice_goes_upstream_with_the_one_checked() -> None:
+    """The gateway reads the last ``model``; a provider may read the first. Forwarding
+    both would let a user reach a model it was never checked for."""
+    raw = b'{"model": "forbidden", "messages": [{"role": "user", "content": "x"}], "model": "ok"}'
+    body = parse_request(raw, CHAT)
+    assert body.model == "ok"
+    sent = upstream_body(body, "ok", add_usage=False)
+    assert sent.count(b'"model"') == 1
+    assert orjson.loads(sent)["model"] == "ok"
+
+
+def test_a_body_naming_stream_twice_is_rebuilt_too() -> None:
+    raw = b'{"model": "m", "stream": true, "messages": [1], "stream": false}'
+    body = parse_request(raw, CHAT)
+    assert body.stream is False
+    assert orjson.loads(upstream_body(body, "m", add_usage=False))["stream"] is False
+
+
+def test_utf8_is_checked_without_holding_the_body_as_text() -> None:
+    text = "x" * (16 * 1024 * 1024) + "👋"  # one emoji: as a str, 4 bytes per character
+    raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+    tracemalloc.start()
+    try:
+        parse_request(raw, CHAT)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024  # a decoded copy would be 64 MiB
+
+
+@pytest.mark.parametrize(
+    "raw", [b'{"model":"m","messages":["\xff"]}', b'{"model":"m","messages":["\xe2\x82"]}']
+)
+def test_invalid_utf8_is_invalid_json(raw: bytes) -> None:
+    assert rejected(raw) == ("invalid_json", None)

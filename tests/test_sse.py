@@ -9,12 +9,14 @@ right class.
 from __future__ import annotations
 
 import time
+import tracemalloc
 from typing import Any
 
 import orjson
 import pytest
 
 from berry_proxy.sse import (
+    LARGE,
     EventKind,
     EventSplitter,
     EventTooLarge,
@@ -169,7 +171,8 @@ def test_preamble_events_do_not_commit(raw: bytes) -> None:
 def test_content_events_commit(raw: bytes) -> None:
     kind, payload = classify(raw)
     assert kind is EventKind.CONTENT
-    assert payload == orjson.loads(raw.removeprefix(b"data: "))
+    # Of the event, the members the gateway reads come back decoded; the rest is not read.
+    assert payload == {"choices": orjson.loads(raw.removeprefix(b"data: "))["choices"]}
 
 
 def test_usage_only_chunk() -> None:
@@ -362,3 +365,39 @@ def test_a_block_of_many_small_crlf_events_splits_in_linear_time() -> None:
     assert splitter.feed_block(block) == block
     assert EventSplitter().feed(block) == [event] * 32_000
     assert time.process_time() - started < 1.0
+
+
+def test_huge_members_are_not_built_into_objects() -> None:
+    """A 1 MiB event of tiny objects is read in one pass, not as 300 000 dicts."""
+    tiny = b"{}," * 350_000 + b"{}"
+    for member, kind in ((b"choices", EventKind.CONTENT), (b"usage", EventKind.USAGE)):
+        raw = b'data: {"' + member + b'": [' + tiny + b"]}\n\n"
+        tracemalloc.start()
+        try:
+            found, payload = classify(raw)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert found is kind
+        assert payload[member.decode()] is LARGE
+        assert peak < 2 * len(raw)  # the event's own bytes, not its objects (~30 MB)
+    # Nor is a large usage object accounted.
+    raw = b'data: {"choices": [], "usage": {"pad": [' + tiny + b'], "prompt_tokens": 3}}\n\n'
+    assert usage_of(classify(raw)[1])[:2] == (None, None)
+
+
+def test_the_pending_check_before_the_commit_counts_only_the_unfinished_tail() -> None:
+    """Whole events not taken yet are fine however many; an unfinished event over the cap
+    is not, even when it came in the same read as the committing event."""
+    splitter = EventSplitter(max_pending=1024)
+    splitter.push(b"data: 1\n\n" + b"data: 2\n\n" * 500)
+    assert splitter.pop() == b"data: 1\n\n"
+    splitter.check_pending()  # 4.5 KB pending, all of it whole events
+    splitter.push(b"data: " + b"t" * 2000)
+    with pytest.raises(EventTooLarge):
+        splitter.check_pending()
+    crlf = EventSplitter(max_pending=1024)
+    crlf.push(b"data: 1\r\n\r\n" * 200 + b"data: " + b"t" * 2000)
+    assert crlf.pop() == b"data: 1\r\n\r\n"
+    with pytest.raises(EventTooLarge):
+        crlf.check_pending()
