@@ -5,7 +5,8 @@
 - ``Expect: 100-continue`` is answered only here, after authentication (the middleware
   ran before the handler) and the length check: a client is never invited to upload a
   body that would then be refused. aiohttp's own expect handler, which answers before
-  either, is replaced by ``defer_continue`` on every route.
+  either, is replaced by ``defer_continue`` on every route of the app. (A path that
+  matches no route still gets aiohttp's default, then its 404.)
 - The whole body must arrive within ``server.body_timeout_seconds`` (408 otherwise), so a
   client that stops short of the end cannot hold its buffer for as long as it likes.
 - A body that is not what its ``Content-Encoding`` says (aiohttp decompresses it, in
