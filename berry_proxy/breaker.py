@@ -102,6 +102,8 @@ class CircuitBreaker:
 
         In half-open state only one request (the trial) is let through until it settles.
         """
+        if self._state is BreakerState.CLOSED:  # the usual case, without the clock
+            return Ticket(self.total_trips, False)
         if not self.available():
             return None
         trial = self._state is BreakerState.HALF_OPEN
@@ -116,32 +118,37 @@ class CircuitBreaker:
         if ticket.trial and ticket.generation == self.total_trips:
             self._trial_in_flight = False
 
-    def record_success(self, ticket: Ticket) -> None:
+    def record_success(self, ticket: Ticket) -> bool:
+        """A request admitted with ``ticket`` succeeded; True if that closed the breaker."""
         if ticket.generation != self.total_trips:
-            return  # began before the latest trip: stale news, the window stands
-        state = self.state
-        if state is BreakerState.HALF_OPEN:
+            return False  # began before the latest trip: stale news, the window stands
+        if self._state is not BreakerState.CLOSED and self.state is BreakerState.HALF_OPEN:
             if ticket.trial:
                 self._close()
-            return
+                return True
+            return False
         self._closed_outcome(failed=False)
+        return False
 
-    def record_failure(self, ticket: Ticket) -> None:
+    def record_failure(self, ticket: Ticket) -> bool:
+        """A request admitted with ``ticket`` failed; True if that opened the breaker."""
         if ticket.generation != self.total_trips:
-            return
-        state = self.state
-        if state is BreakerState.HALF_OPEN:
+            return False
+        if self._state is not BreakerState.CLOSED and self.state is BreakerState.HALF_OPEN:
             if ticket.trial:
                 self._trip()
-            return
-        self._closed_outcome(failed=True)
+                return True
+            return False
+        return self._closed_outcome(failed=True)
 
-    def _closed_outcome(self, failed: bool) -> None:
-        """Count one outcome while closed; trip when the rules say so."""
+    def _closed_outcome(self, failed: bool) -> bool:
+        """Count one outcome while closed; trip (and say so) when the rules say so."""
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         self._outcomes.append(failed)
         if failed and self._should_trip():
             self._trip()
+            return True
+        return False
 
     def record_probe(self, ok: bool) -> None:
         """A health probe's result: it counts like a request's outcome, and a success

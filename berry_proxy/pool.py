@@ -355,15 +355,11 @@ class BackendPool:
             backend.recovery_successes = 0
         if evidence is not None and not evidence.first(breaker):
             return
-        trips = breaker.total_trips
-        breaker.record_failure(ticket)
-        if breaker.total_trips != trips:
+        if breaker.record_failure(ticket):
             self._opened(backend, breaker, kind.value)
 
     def _breaker_success(self, backend: Backend, breaker: CircuitBreaker, ticket: Ticket) -> None:
-        was = breaker.state
-        breaker.record_success(ticket)
-        if was is BreakerState.HALF_OPEN and breaker.state is BreakerState.CLOSED:
+        if breaker.record_success(ticket):
             self._closed(backend, breaker, "trial request succeeded")
 
     def record_probe(self, provider: ProviderState, error: str | None) -> None:

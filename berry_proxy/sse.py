@@ -212,7 +212,17 @@ LARGE = _Large()
 
 def read_members(data: bytes) -> dict[str, Any] | None:
     """The members of a JSON object the gateway reads (``error``, ``choices``, ``usage``),
-    decoded, or ``LARGE``; None when ``data`` is not a JSON object."""
+    decoded, or ``LARGE``; None when ``data`` is not a JSON object.
+
+    An event no larger than ``MAX_READ_MEMBER_BYTES`` (nearly all of them) is decoded
+    whole, in one call: whatever it holds, it cannot cost much.
+    """
+    if len(data) <= MAX_READ_MEMBER_BYTES:
+        try:
+            whole = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        return whole if isinstance(whole, dict) else None
     try:
         members = _TOP_LEVEL.decode(data)
     except (msgspec.DecodeError, RecursionError):  # ValidationError: JSON, not an object
