@@ -109,10 +109,35 @@ class StreamRelay:
         self.error_sent = False  # the one error event has gone out (or is going)
 
     async def run(self) -> web.StreamResponse:
-        """Relay the stream; raises ``UpstreamFailure`` for a failure before the commit."""
+        """Relay the stream; raises ``UpstreamFailure`` for a failure before the commit.
+
+        One frame from here down to each read and write: every time the stream resumes,
+        it resumes through each frame of the chain (see ``middlewares.gateway``).
+        """
         started = self.started = self.clock()
         try:
-            return await self._run()
+            try:
+                async with asyncio.timeout(None) as timeout:
+                    self._arm(timeout)
+                    try:
+                        passed = await self._open()
+                        if passed is not None:
+                            return passed
+                        if await self._commit():
+                            await self._copy()
+                    finally:
+                        self.watchdog.cancel()
+            except TimeoutError:
+                if not timeout.expired():
+                    raise
+                await self._timed_out()
+            except Exception:
+                if self.response is None or not self.response.prepared:
+                    raise
+                await self._internal_error()
+            self._record_end()
+            assert self.response is not None  # noqa: S101  # committed, or raised above
+            return self.response
         except asyncio.CancelledError:
             self.ctx.abort_reason = "client_disconnected"
             raise
@@ -128,44 +153,25 @@ class StreamRelay:
                 else:
                     upstream.abort()
 
-    async def _run(self) -> web.StreamResponse:
+    def _arm(self, timeout: asyncio.Timeout) -> None:
+        """The first-byte limit now, and the request's deadline over all before the commit."""
         config = self.attempt.backend.provider.config
-        loop = asyncio.get_running_loop()
         remaining = self.attempt.deadline - self.clock()
-        try:
-            async with asyncio.timeout(None) as timeout:
-                watchdog = self.watchdog
-                watchdog.start(
-                    timeout,
-                    min(config.first_byte_timeout_seconds, remaining),
-                    loop.time() + remaining,
-                    Phase.FIRST_BYTE,
-                )
-                try:
-                    passed = await self._open()
-                    if passed is not None:
-                        return passed
-                    if await self._commit():
-                        await self._copy()
-                finally:
-                    watchdog.cancel()
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            await self._timed_out()
-        except Exception:
-            if self.response is None or not self.response.prepared:
-                raise
-            # A bug of ours after the commit: the status line is gone, so the client
-            # must still learn from one error event that the answer is incomplete.
-            error_log.exception("stream_internal_error", request_id=self.ctx.request_id)
-            self.ctx.abort_reason = "internal_error"
-            self.end = await self._send_error_event(
-                "internal_error", "The gateway failed while streaming"
-            )
-        assert self.response is not None  # noqa: S101  # committed, or raised above
-        self._record_end()
-        return self.response
+        self.watchdog.start(
+            timeout,
+            min(config.first_byte_timeout_seconds, remaining),
+            asyncio.get_running_loop().time() + remaining,
+            Phase.FIRST_BYTE,
+        )
+
+    async def _internal_error(self) -> None:
+        """A bug of ours after the commit: the status line is gone, so the client must
+        still learn from one error event that the answer is incomplete."""
+        error_log.exception("stream_internal_error", request_id=self.ctx.request_id)
+        self.ctx.abort_reason = "internal_error"
+        self.end = await self._send_error_event(
+            "internal_error", "The gateway failed while streaming"
+        )
 
     # ----------------------------------------------------------------------------------
     # 1. Open: up to the commit point

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -126,13 +127,25 @@ class GatewayRequestHandler(RequestHandler):
         super().__init__(manager, **kw)
         self._send_timeout = send_timeout
 
-    async def finish_response(
+    def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # A plain method handing back aiohttp's own coroutine in the usual case: no extra
+        # coroutine frame per response when there is nothing to guard.
         transport = self.transport
         if transport is None or (_buffered(transport) == 0 and _fits(resp)):
-            return await super().finish_response(request, resp, start_time)
+            return super().finish_response(request, resp, start_time)
         gap = request.get(keys.SEND_TIMEOUT, self._send_timeout)
+        return self._finish_guarded(request, resp, start_time, transport, gap)
+
+    async def _finish_guarded(
+        self,
+        request: BaseRequest,
+        resp: web.StreamResponse,
+        start_time: float | None,
+        transport: asyncio.Transport,
+        gap: float,
+    ) -> tuple[web.StreamResponse, bool]:
         try:
             async with asyncio.timeout(None) as timeout:
                 guard = SendGuard(timeout, transport, gap)
