@@ -24,6 +24,7 @@ from aiohttp.typedefs import Handler
 from . import keys, routing_views, status
 from .auth import Authenticator, declared_access
 from .config import Config
+from .cors import policy_for
 from .health import HealthProber
 from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
@@ -77,6 +78,7 @@ def create_app(
     app[keys.STARTED_AT] = wall_clock()
     app[keys.POOL] = pool
     app[keys.AUTHENTICATOR] = Authenticator(config.users)
+    app[keys.CORS] = policy_for(server.cors_allow_origins)
     router = Router(pool, rng)
     app[keys.ROUTER] = router
 
@@ -115,11 +117,24 @@ def create_app(
 def add_routes(app: web.Application) -> None:
     """Every route, each with the expect handler that defers ``100 Continue``; refuses
     (``UndeclaredAccess``) a handler that does not declare who may call it."""
-    routes: list[tuple[str, str, Handler]] = [
-        ("POST", "/v1/chat/completions", handler(CHAT)),
-        ("POST", "/v1/completions", handler(COMPLETIONS)),
-        ("POST", "/v1/embeddings", handler(EMBEDDINGS)),
+    routes: list[tuple[str, str, Handler]] = []
+    for endpoint in (CHAT, COMPLETIONS, EMBEDDINGS):
+        serve = handler(endpoint)
+        path = endpoint.upstream_path
+        routes.append(("POST", f"/v1/{path}", serve))
+        # For SDKs and tools configured with a base URL without /v1.
+        routes.append(("POST", f"/{path}", serve))
+        # Azure OpenAI SDKs (azure_endpoint= the gateway): the deployment is the model.
+        routes.append(
+            (
+                "POST",
+                f"/openai/deployments/{{deployment}}/{path}",
+                handler(endpoint, deployment_in_path=True),
+            )
+        )
+    routes += [
         ("GET", "/v1/models", status.v1_models),
+        ("GET", "/openai/models", status.v1_models),
         # Model ids may contain "/" (e.g. meta-llama/Llama-3.1-8B).
         ("GET", "/v1/models/{model:.+}", status.v1_model),
         ("GET", "/v1/health", status.v1_health),

@@ -1,4 +1,4 @@
-"""Bearer-token authentication, model permissions and endpoint access levels.
+"""Token authentication (bearer or ``api-key``), model permissions and access levels.
 
 Tokens are never kept or compared raw: users are found by the sha256 digest of the
 presented token (see ``Authenticator``).
@@ -64,14 +64,26 @@ class Authenticator:
     def __init__(self, users: Mapping[str, UserConfig]) -> None:
         self._by_digest = {user.token_sha256: user for user in users.values()}
 
-    def authenticate(self, authorization: str | None) -> UserConfig:
-        """The user an ``Authorization`` header belongs to, or raise 401."""
-        if not authorization:
-            raise AuthenticationFailed("missing_token", "Authorization header is required")
-        scheme, _, token = authorization.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise AuthenticationFailed("invalid_token", "Authorization must be 'Bearer <token>'")
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> UserConfig:
+        """The user a request's token belongs to, or raise 401.
+
+        The token is ``Authorization: Bearer <token>`` (the scheme in any case) or, from
+        Azure OpenAI SDKs, ``api-key: <token>``; ``Authorization`` wins when both are sent.
+        """
+        if authorization:
+            scheme, _, token = authorization.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise AuthenticationFailed(
+                    "invalid_token", "Authorization must be 'Bearer <token>'"
+                )
+        elif api_key is not None and api_key.strip():
+            token = api_key.strip()
+        else:
+            raise AuthenticationFailed(
+                "missing_token",
+                "A token is required: 'Authorization: Bearer <token>' or 'api-key: <token>'",
+            )
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         user = self._by_digest.get(digest)
         if user is None or not hmac.compare_digest(digest, user.token_sha256) or not user.enabled:

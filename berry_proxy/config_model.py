@@ -61,6 +61,8 @@ class ServerConfig:
     # A client that takes nothing of an answer the gateway writes for this long is
     # dropped (streams and proxied answers use their provider's idle_timeout_seconds).
     send_timeout_seconds: float = 60.0
+    # Origins whose pages may call the gateway (CORS): "*" is any, () turns CORS off.
+    cors_allow_origins: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True, slots=True)

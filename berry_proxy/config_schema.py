@@ -29,6 +29,15 @@ from .config_model import (
 )
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# A browser origin as the Origin header spells it: scheme://host[:port], no path.
+_ORIGIN = re.compile(r"^https?://[^/\s:?#]+(:[0-9]{1,5})?$")
+
+
+def _origin(value: str) -> None:
+    if value != "*" and not _ORIGIN.fullmatch(value):
+        raise ValidationError(
+            f"{value!r} is not an origin: use '*' or scheme://host[:port] without a path"
+        )
 
 
 class StrictFloat(fields.Float):
@@ -89,9 +98,12 @@ class ServerSchema(_Strict):
     keepalive_timeout_seconds = _positive()
     body_timeout_seconds = _positive()
     send_timeout_seconds = _positive()
+    cors_allow_origins = fields.List(fields.String(validate=_origin))
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:
+        if "cors_allow_origins" in data:
+            data["cors_allow_origins"] = tuple(data["cors_allow_origins"])
         return ServerConfig(**data)
 
 

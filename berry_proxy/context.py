@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,8 @@ class RequestContext:
     abort_reason: str | None = None
     error_code: str | None = None
     failures: list[str] = field(default_factory=list)
+    # The CORS headers every answer to this request carries (``cors``), if any.
+    cors: Mapping[str, str] | None = None
 
     def commit(self, now: float) -> float:
         """Fix the gateway's overhead at the moment the client response starts; return it."""

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .auth import Authenticator
     from .config import Config, UserConfig
     from .context import RequestContext
+    from .cors import CorsPolicy
     from .health import HealthProber
     from .pool import BackendPool
     from .proxy import Proxy
@@ -26,6 +27,8 @@ PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 PROBER: web.AppKey[HealthProber] = web.AppKey("prober")
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
+# None when CORS is off (``server.cors_allow_origins: []``).
+CORS: web.AppKey[CorsPolicy | None] = web.AppKey("cors")
 # Monotonic seconds; injected so tests can drive time.
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 # Wall-clock seconds when the app was built, for uptime.

@@ -1,8 +1,10 @@
-"""The request chain, outermost first: request context -> error shaping -> auth.
+"""The request chain, outermost first: request context -> CORS -> error shaping -> auth.
 
 All three run in one middleware (``gateway``), each concern in its own function:
 - the request context gives every request its id and timing, and the access log line is
   written when it ends (also when the client left early);
+- CORS (``cors``): a preflight is answered here, before auth; every other answer gets the
+  policy's headers (a streamed one through ``response_headers.served_by``);
 - ``shape_error`` turns every exception into the SPEC's JSON error envelope, including
   aiohttp's own 404/405/413, and hides tracebacks behind a logged 500;
 - ``authorize`` enforces the ``Access`` level the matched handler declares (every route
@@ -21,6 +23,7 @@ from aiohttp.typedefs import Handler
 from . import keys
 from .auth import Access, declared_access, require_admin
 from .context import RequestContext, request_id_from
+from .cors import is_preflight
 from .errors import (
     GatewayError,
     InternalError,
@@ -50,11 +53,18 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     resource = request.match_info.route.resource
     ctx.route = resource.canonical if resource is not None else "unmatched"
     request[keys.REQUEST_CONTEXT] = ctx
+    cors = request.app[keys.CORS]
     drop = False
     try:
         try:
-            authorize(request, ctx)
-            response = await handler(request)
+            response: web.StreamResponse
+            if cors is not None and (allowed := _preflight_methods(request)):
+                response = cors.preflight(request, allowed)  # no token, nothing upstream
+            else:
+                if cors is not None:
+                    ctx.cors = cors.answer_headers(request.headers.get("Origin"))
+                authorize(request, ctx)
+                response = await handler(request)
         except Exception as exc:
             response = shape_error(exc, request, ctx)
             drop = isinstance(exc, GatewayError) and exc.drop_connection
@@ -65,6 +75,8 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
             headers = response.headers
             headers["X-Request-ID"] = ctx.request_id
             headers["Server"] = SERVER
+            if ctx.cors is not None:
+                headers.update(ctx.cors)
             if drop:
                 await send_and_drop(request, response)
         return response
@@ -89,6 +101,17 @@ async def send_and_drop(request: web.Request, response: web.StreamResponse) -> N
     except ConnectionResetError:
         pass  # it left first: nothing to send it
     request.protocol.force_close()
+
+
+def _preflight_methods(request: web.Request) -> tuple[str, ...]:
+    """For a CORS preflight to a path the gateway serves, the methods the path allows (an
+    ``OPTIONS`` to a served path matches as a 405 that lists them); else ()."""
+    if not is_preflight(request):
+        return ()
+    exc = request.match_info.http_exception
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return tuple(exc.allowed_methods)
+    return ()
 
 
 def error_response(error: GatewayError) -> web.Response:
@@ -161,7 +184,10 @@ def authorize(request: web.Request, ctx: RequestContext) -> None:
         level = Access.PUBLIC if public else Access.ADMIN
     if level is Access.PUBLIC:
         return
-    user = request.app[keys.AUTHENTICATOR].authenticate(request.headers.get("Authorization"))
+    headers = request.headers
+    user = request.app[keys.AUTHENTICATOR].authenticate(
+        headers.get("Authorization"), headers.get("api-key")
+    )
     ctx.user = user.id
     if level is Access.ADMIN:
         require_admin(user)

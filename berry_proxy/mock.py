@@ -4,7 +4,10 @@ It lets ``make run`` work offline and gives demos and tests a provider with knob
 latency before the first byte, number of stream chunks, delay between chunks, and a
 failure rate drawn from a seeded RNG. The same request always gets the same words back;
 the reply never repeats the prompt. Responses have the exact shape of OpenAI's chat
-completion, completion, embedding and stream chunk objects.
+completion, completion, embedding and stream chunk objects, and honour what OpenAI's do:
+``n`` choices, ``max_tokens`` (a shorter reply ends with ``"length"``), embeddings'
+``encoding_format`` (``"base64"`` is the Node SDK's default) and ``dimensions``; they
+report the model under the gateway's public name, as the client asked for it.
 
 Like the gateway, it decodes a request only to its top level (``openai_request``): a huge
 prompt is hashed as bytes, never built into objects.
@@ -13,6 +16,7 @@ prompt is hashed as bytes, never built into objects.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import random
 import struct
@@ -38,8 +42,11 @@ _VOCABULARY = (
 )  # fmt: skip
 MAX_REPLY_WORDS = 24
 SSE_DONE = b"data: [DONE]\n\n"
-# OpenAI's own limit on inputs per embeddings request.
+# OpenAI's own limits on inputs per embeddings request and choices per completion; the
+# largest embedding the mock makes (as mock.embedding_dimensions allows).
 MAX_EMBEDDING_INPUTS = 2048
+MAX_CHOICES = 128
+MAX_EMBEDDING_DIMENSIONS = 8192
 
 
 def sse_event(payload: Any) -> bytes:
@@ -140,7 +147,9 @@ class MockAdapter(Adapter):
         backend_model: str,
         body: bytes | bytearray,
         headers: dict[str, str],
+        public_model: str | None = None,
     ) -> UpstreamResponse:
+        model = public_model or backend_model  # as the client asked for it
         if self.settings.latency_seconds:
             await self._sleep(self.settings.latency_seconds)
         try:
@@ -150,11 +159,11 @@ class MockAdapter(Adapter):
         if self._rng.random() < self.settings.failure_rate:
             return _error(500, "The mock provider failed this request on purpose.", "server_error")
         if endpoint == "chat/completions":
-            return self._completion(request, backend_model, chat=True)
+            return self._completion(request, model, chat=True)
         if endpoint == "completions":
-            return self._completion(request, backend_model, chat=False)
+            return self._completion(request, model, chat=False)
         if endpoint == "embeddings":
-            return self._embeddings(request, backend_model)
+            return self._embeddings(request, model)
         return _error(404, f"Unknown endpoint /{endpoint}.", "invalid_request_error")
 
     def models(self) -> list[str]:
@@ -163,42 +172,51 @@ class MockAdapter(Adapter):
     def _completion(self, request: Members, model: str, *, chat: bool) -> MockResponse:
         prompt = request.get("messages" if chat else "prompt") or b"null"
         digest = hashlib.sha256(prompt).digest()
-        words_rng = random.Random(digest)  # noqa: S311  # same prompt, same reply
         try:
             max_tokens = member_value(request, "max_tokens") or member_value(
                 request, "max_completion_tokens"
             )
+            n = member_value(request, "n")
             stream = member_value(request, "stream")
             options = member_value(request, "stream_options")
         except InvalidRequest as exc:
             return _error(400, exc.message, "invalid_request_error")
+        choices = n if isinstance(n, int) and not isinstance(n, bool) else 1
+        if not 1 <= choices <= MAX_CHOICES:
+            return _error(400, f"'n' must be between 1 and {MAX_CHOICES}.", "invalid_request_error")
         limit = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else MAX_REPLY_WORDS
         count = min(limit, MAX_REPLY_WORDS)
-        words = [words_rng.choice(_VOCABULARY) for _ in range(count)]
+        # Same prompt, same replies; each choice its own.
+        replies = [_reply(digest, index, count) for index in range(choices)]
         finish = "length" if count < MAX_REPLY_WORDS else "stop"
-        usage = _usage(max(1, len(prompt) // 4), count)
+        usage = _usage(max(1, len(prompt) // 4), count * choices)
         ident = ("chatcmpl-" if chat else "cmpl-") + digest.hex()[:24]
         created = int(self._clock())
         if stream is True:
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            return self._stream(include_usage, ident, created, model, words, finish, usage, chat)
-        text = " ".join(words)
+            return self._stream(include_usage, ident, created, model, replies, finish, usage, chat)
         if chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
+            choice_list: list[dict[str, Any]] = [
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": " ".join(words), "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+                for index, words in enumerate(replies)
+            ]
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice_list = [
+                {"index": index, "text": " ".join(words), "logprobs": None, "finish_reason": finish}
+                for index, words in enumerate(replies)
+            ]
         return _json(
             {
                 "id": ident,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": created,
                 "model": model,
-                "choices": [choice],
+                "choices": choice_list,
                 "usage": usage,
                 "system_fingerprint": "fp_berry_mock",
             }
@@ -210,11 +228,13 @@ class MockAdapter(Adapter):
         ident: str,
         created: int,
         model: str,
-        words: list[str],
+        replies: list[list[str]],
         finish: str,
         usage: dict[str, int],
         chat: bool,
     ) -> MockResponse:
+        """OpenAI's chunk sequence: for each step, one chunk per choice (role, pieces,
+        finish), then the usage-only chunk if asked for, then ``[DONE]``."""
         base = {
             "id": ident,
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -224,18 +244,25 @@ class MockAdapter(Adapter):
         }
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(delta: dict[str, Any] | str, finish_reason: str | None) -> bytes:
+        def chunk(index: int, delta: dict[str, Any] | str, finish_reason: str | None) -> bytes:
             if chat:
-                choice = {"index": 0, "delta": delta, "logprobs": None}
+                choice = {"index": index, "delta": delta, "logprobs": None}
             else:
-                choice = {"index": 0, "text": delta, "logprobs": None}
+                choice = {"index": index, "text": delta, "logprobs": None}
             choice["finish_reason"] = finish_reason
             return sse_event({**base, "choices": [choice], **extra})
 
-        events = [chunk({"role": "assistant", "content": ""} if chat else "", None)]
-        for piece in _split(words, self.settings.chunk_count):
-            events.append(chunk({"content": piece} if chat else piece, None))
-        events.append(chunk({} if chat else "", finish))
+        pieces = [_split(words, self.settings.chunk_count) for words in replies]
+        events = [
+            chunk(index, {"role": "assistant", "content": ""} if chat else "", None)
+            for index in range(len(replies))
+        ]
+        for step in range(max(len(p) for p in pieces)):
+            for index, parts in enumerate(pieces):
+                if step < len(parts):
+                    piece = parts[step]
+                    events.append(chunk(index, {"content": piece} if chat else piece, None))
+        events.extend(chunk(index, {} if chat else "", finish) for index in range(len(replies)))
         if include_usage:
             events.append(sse_event({**base, "choices": [], "usage": usage}))
         events.append(SSE_DONE)
@@ -255,16 +282,36 @@ class MockAdapter(Adapter):
                 f"'input' must have at most {MAX_EMBEDDING_INPUTS} items.",
                 "invalid_request_error",
             )
+        try:
+            encoding = member_value(request, "encoding_format") or "float"
+            dimensions = member_value(request, "dimensions") or self.settings.embedding_dimensions
+        except InvalidRequest as exc:
+            return _error(400, exc.message, "invalid_request_error")
+        if encoding not in ("float", "base64"):
+            return _error(
+                400, "'encoding_format' must be 'float' or 'base64'.", "invalid_request_error"
+            )
+        if (
+            isinstance(dimensions, bool)
+            or not isinstance(dimensions, int)
+            or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS
+        ):
+            return _error(
+                400,
+                f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIMENSIONS}.",
+                "invalid_request_error",
+            )
         data = []
         tokens = 0
         for index, item in enumerate(inputs):
             encoded = orjson.dumps(item)
             tokens += max(1, len(encoded) // 4)
+            vector = _vector(encoded, dimensions)
             data.append(
                 {
                     "object": "embedding",
                     "index": index,
-                    "embedding": _vector(encoded, self.settings.embedding_dimensions),
+                    "embedding": _base64(vector) if encoding == "base64" else vector,
                 }
             )
         return _json(
@@ -289,6 +336,19 @@ def _input_value(request: Members) -> Any:
             "invalid_parameter", f"'input' is larger than {MAX_EMBEDDING_INPUT_BYTES} bytes"
         )
     return None if raw is None else msgspec.json.decode(raw)
+
+
+def _reply(digest: bytes, index: int, count: int) -> list[str]:
+    """The words of choice ``index`` of the reply to a prompt with this digest."""
+    seed = digest if index == 0 else digest + index.to_bytes(4, "big")
+    words_rng = random.Random(seed)  # noqa: S311  # same prompt, same reply
+    return [words_rng.choice(_VOCABULARY) for _ in range(count)]
+
+
+def _base64(vector: list[float]) -> str:
+    """``vector`` as OpenAI's ``encoding_format: "base64"`` sends it: little-endian
+    float32 values, base64-encoded."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
 def _vector(seed: bytes, dimensions: int) -> list[float]:

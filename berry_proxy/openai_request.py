@@ -65,7 +65,8 @@ class OpenAIRequest(NamedTuple):
 
     raw: Body
     members: dict[str, msgspec.Raw]
-    model: str
+    model: str  # the model asked for: the body's, or the deployment an Azure path names
+    body_model: str | None  # the body's own "model" member, if it is a string
     stream: bool  # the client asked for a stream (and the endpoint streams)
     stream_options: dict[str, Any] | None
 
@@ -134,18 +135,24 @@ def _decode_member(name: str, raw: msgspec.Raw) -> Any:
         raise invalid_parameter(name, "is not a value the gateway can read") from None
 
 
-def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
-    """The validated request, or a 400 naming the first bad field."""
+def parse_request(raw: Body, endpoint: Endpoint, deployment: str | None = None) -> OpenAIRequest:
+    """The validated request, or a 400 naming the first bad field.
+
+    ``deployment`` is the model an Azure-style path names
+    (``/openai/deployments/{deployment}/...``): as on Azure, it is the model served, and
+    the body need not name one.
+    """
     members = decode_top_level(raw)
     # One pass over the members, decoding only those the gateway reads.
     values = {
         name: _decode_member(name, member) for name, member in members.items() if name in _DECODED
     }
-    model = values.get("model")
+    body_model = values.get("model")
+    if body_model is not None and (not isinstance(body_model, str) or not body_model):
+        raise invalid_parameter("model", "must be a non-empty string")
+    model = deployment or body_model
     if model is None:
         raise missing_parameter("model")
-    if not isinstance(model, str) or not model:
-        raise invalid_parameter("model", "must be a non-empty string")
     _check_required(members, endpoint)
     for name, value in values.items():
         if value is not None:
@@ -155,6 +162,7 @@ def parse_request(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
         raw=raw,
         members=members,
         model=model,
+        body_model=body_model,
         stream=endpoint.streams and values.get("stream") is True,
         stream_options=options,
     )
@@ -238,7 +246,11 @@ def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -
     Every other member goes out as the raw bytes the client sent (``msgspec`` writes a
     ``Raw`` member as it is); only the top level's punctuation is the gateway's.
     """
-    if request.model == backend_model and not add_usage and not _duplicates_possible(request.raw):
+    if (
+        request.body_model == backend_model
+        and not add_usage
+        and not _duplicates_possible(request.raw)
+    ):
         return request.raw
     members: dict[str, Any] = dict(request.members)
     members["model"] = backend_model

@@ -1,4 +1,5 @@
-"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``: the handler.
+"""``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``: the handler (also
+behind their aliases without ``/v1`` and their Azure-style deployment paths).
 
 For each request: read the body (bounded, ``request_body``), validate the few fields the
 gateway must understand (``openai_request``), resolve the model and the user's
@@ -55,7 +56,7 @@ class Proxy:
         self.clock = clock
 
     @staticmethod
-    async def _parse(raw: Body, endpoint: Endpoint) -> OpenAIRequest:
+    async def _parse(raw: Body, endpoint: Endpoint, deployment: str | None) -> OpenAIRequest:
         """``parse_request``; after a large body, a turn for everyone else.
 
         Validating a body is one pass over it that holds the event loop (~120 ms for a
@@ -63,26 +64,31 @@ class Proxy:
         After a large one the handler yields before rebuilding the body for upstream, so
         those two passes never block the loop back to back.
         """
-        body = parse_request(raw, endpoint)
+        body = parse_request(raw, endpoint, deployment)
         if len(raw) >= LARGE_BODY_BYTES:
             await asyncio.sleep(0)
         return body
 
-    async def handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def handle(
+        self, request: web.Request, endpoint: Endpoint, deployment: str | None = None
+    ) -> web.StreamResponse:
+        """Serve ``endpoint``; ``deployment`` is the model an Azure-style path names."""
         pool = self.pool
         pool.total_requests += 1
         pool.in_flight += 1
         try:
-            return await self._handle(request, endpoint)
+            return await self._handle(request, endpoint, deployment)
         finally:
             pool.in_flight -= 1
 
-    async def _handle(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.Request, endpoint: Endpoint, deployment: str | None
+    ) -> web.StreamResponse:
         ctx = request[keys.REQUEST_CONTEXT]
         user = request[keys.USER]
         server = self.config.server
         raw = await read_body(request, server.max_body_bytes, server.body_timeout_seconds)
-        body = await self._parse(raw, endpoint)
+        body = await self._parse(raw, endpoint, deployment)
         model = resolve_model(self.config, user, body.model)
         ctx.model = model.id
         ctx.stream = body.stream
@@ -135,13 +141,21 @@ class Proxy:
         raise failover.final_error(lambda: self.router.no_healthy_backends(model, plan))
 
 
-def handler(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler serving ``endpoint`` through the app's proxy."""
+def handler(
+    endpoint: Endpoint, *, deployment_in_path: bool = False
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler serving ``endpoint`` through the app's proxy.
+
+    With ``deployment_in_path`` the route's ``{deployment}`` names the model, as on Azure
+    OpenAI (``/openai/deployments/{deployment}/chat/completions``).
+    """
 
     @access(Access.USER)
     async def handle(request: web.Request) -> web.StreamResponse:
         proxy: Proxy = request.app[keys.PROXY]
-        return await proxy.handle(request, endpoint)
+        deployment = request.match_info["deployment"] if deployment_in_path else None
+        return await proxy.handle(request, endpoint, deployment)
 
-    handle.__name__ = "handle_" + endpoint.upstream_path.replace("/", "_")
+    prefix = "handle_deployment_" if deployment_in_path else "handle_"
+    handle.__name__ = prefix + endpoint.upstream_path.replace("/", "_")
     return handle

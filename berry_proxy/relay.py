@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from .client_connection import drop_connection
 from .context import RequestContext
@@ -184,7 +185,11 @@ class StreamRelay:
         config = backend.provider.config
         with upstream_errors("first byte"):
             upstream = self.upstream = await attempt.adapter.send(
-                self.endpoint.upstream_path, backend.config.model, attempt.body, attempt.headers
+                self.endpoint.upstream_path,
+                backend.config.model,
+                attempt.body,
+                attempt.headers,
+                backend.model.name,
             )
         if upstream.status != 200:
             return await self._pass_through(upstream)
@@ -285,6 +290,11 @@ class StreamRelay:
         response = self.response = web.StreamResponse(
             status=200, headers={**STREAM_HEADERS, **served_by(ctx, backend, self.clock())}
         )
+        if self.request.version < HttpVersion11:
+            # No chunked encoding before HTTP/1.1: only the closed connection can tell the
+            # client where the stream ends (aiohttp would keep an HTTP/1.0 keep-alive
+            # connection open, and the client would wait for more forever).
+            response.force_close()
         try:
             await response.prepare(self.request)
         except ConnectionResetError:

@@ -24,14 +24,14 @@ def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, st
     """The headers of an answer from ``backend``, committed at ``now`` (monotonic).
 
     Fixes the request's overhead and time to first byte as of the commit. Includes
-    ``X-Request-ID`` and ``Server``: a response prepared by its handler is past the
-    middleware's chance to add them.
+    ``X-Request-ID``, ``Server`` and the CORS headers: a response prepared by its handler
+    is past the middleware's chance to add them.
     """
     ctx.provider = backend.provider.id
     ctx.backend_model = backend.config.model
     overhead = ctx.commit(now)
     ctx.time_to_first_byte = now - ctx.started
-    return {
+    headers = {
         "X-Request-ID": ctx.request_id,
         "Server": SERVER,
         "X-Berry-Provider": backend.provider.id,
@@ -39,3 +39,6 @@ def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, st
         "X-Berry-Attempts": str(ctx.attempts),
         "X-Berry-Overhead-Ms": f"{overhead * 1000:.3f}",
     }
+    if ctx.cors is not None:
+        headers.update(ctx.cors)
+    return headers

@@ -255,21 +255,48 @@ def classify(event: bytes) -> tuple[EventKind, Any]:
     if payload.get("error") is not None:
         return EventKind.ERROR, payload
     choices = payload.get("choices")
-    if choices is LARGE:
-        return EventKind.CONTENT, payload  # 64 KiB of choices is not a role-only preamble
     if not choices:
         return (EventKind.USAGE if payload.get("usage") else EventKind.PREAMBLE), payload
+    if carries_content(choices):
+        return EventKind.CONTENT, payload
+    return EventKind.PREAMBLE, payload
+
+
+def carries_content(choices: Any) -> bool:
+    """Does a chunk's ``choices`` carry anything a client reads: text, a delta besides
+    the role (content, tool calls, refusals, and the reasoning fields of DeepSeek/vLLM
+    ``reasoning_content`` or Ollama ``reasoning``) or a finish reason?"""
+    if choices is LARGE:
+        return True  # 64 KiB of choices is not a role-only preamble
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
         if choice.get("finish_reason") is not None or choice.get("text"):
-            return EventKind.CONTENT, payload
+            return True
         delta = choice.get("delta")
-        # Anything besides the role commits: content, tool calls, refusals, and the
-        # reasoning fields of DeepSeek/vLLM ("reasoning_content") or Ollama ("reasoning").
         if isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role"):
-            return EventKind.CONTENT, payload
-    return EventKind.PREAMBLE, payload
+            return True
+    return False
+
+
+def carries_nothing(choices: Any) -> bool:
+    """Is every choice empty: nothing but its ``index``, null or empty members, and a
+    delta with no value at all (not even the role)? LiteLLM puts its usage on such a
+    chunk."""
+    if not choices:
+        return True
+    if choices is LARGE or not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        for name, value in choice.items():
+            if name == "index" or not value:
+                continue
+            if name == "delta" and isinstance(value, dict) and not any(value.values()):
+                continue
+            return False  # text, a message, a role, a finish reason, logprobs...
+    return True
 
 
 def usage_position(data: bytes, start: int = 0) -> int:
@@ -292,7 +319,11 @@ def split_events(block: bytes) -> list[bytes]:
 
 
 def usage_of(payload: Any) -> tuple[int | None, int | None, bool]:
-    """(prompt tokens, completion tokens, usage-only chunk?) of a parsed chunk."""
+    """(prompt tokens, completion tokens, usage-only chunk?) of a parsed chunk.
+
+    A chunk is usage-only when it carries nothing else: no choices (OpenAI's usage chunk)
+    or only empty ones (LiteLLM's).
+    """
     if not isinstance(payload, dict):
         return None, None, False
     usage = payload.get("usage")
@@ -302,8 +333,39 @@ def usage_of(payload: Any) -> tuple[int | None, int | None, bool]:
     return (
         prompt if isinstance(prompt, int) else None,
         completion if isinstance(completion, int) else None,
-        not payload.get("choices"),
+        carries_nothing(payload.get("choices")),
     )
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def without_usage(event: bytes) -> bytes:
+    """``event`` with its payload's top-level ``usage`` member removed; every other member
+    is written back as the raw bytes the upstream sent, and so are the event's other
+    lines (``id:``, ``event:``). An event whose data is not a JSON object is returned
+    as it is."""
+    data = event_data(event)
+    if data is None:
+        return event
+    try:
+        members = _TOP_LEVEL.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return event
+    if members.pop("usage", None) is None:
+        return event
+    # The one data line where the first was; the other fields (id:, event:) kept as sent.
+    lines: list[bytes] = []
+    placed = False
+    for line in event.splitlines():
+        if line.startswith(b"data:"):
+            if not placed:
+                lines.append(b"data: " + _ENCODER.encode(members))
+                placed = True
+        elif line:
+            lines.append(line)
+    lines.append(b"\n")
+    return b"\n".join(lines)
 
 
 def error_event(error: dict[str, Any]) -> bytes:

@@ -3,8 +3,10 @@
 A block is a run of complete SSE events as the upstream sent them. It goes out untouched
 unless it holds a mark: ``[DONE]`` (the stream is done; nothing after it is sent), an
 upstream error event (forwarded as the stream's one error event; nothing after it), or a
-usage object (its token counts are noted, and the usage-only chunk is dropped when the
-gateway asked for it and the client did not).
+usage object (its token counts are noted). When the gateway asked for usage and the client
+did not, the usage never reaches the client: a chunk that carries nothing else is dropped
+(OpenAI's usage chunk has no choices, LiteLLM's has one empty choice), and a chunk that
+also carries content is sent re-encoded without its ``usage`` member.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .sse import (
     split_events,
     usage_of,
     usage_position,
+    without_usage,
 )
 
 
@@ -36,8 +39,8 @@ def forwardable(
 ) -> tuple[bytes, StreamEnd | None]:
     """The bytes to send for a block of complete events, and how the stream ended.
 
-    Notes the token usage, and drops the usage-only chunk when the client did not ask
-    for it (the gateway did, to learn the usage). Stops after ``[DONE]`` or after an
+    Notes the token usage, and removes it when the client did not ask for it (the
+    gateway did, to learn the usage). Stops after ``[DONE]`` or after an
     error event from the upstream; nothing after them is sent.
 
     Only events holding a mark (``[DONE]``, an ``"error"`` key, a usage object) are
@@ -107,6 +110,7 @@ def marked_event(
             ctx.prompt_tokens = prompt
         if completion is not None:
             ctx.completion_tokens = completion
-        if usage_only and add_usage:
-            return b"", None
+        if add_usage:
+            # The gateway asked for usage the client did not: it never reaches the client.
+            return (b"" if usage_only else without_usage(event)), None
     return event, None

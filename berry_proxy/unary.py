@@ -62,7 +62,11 @@ async def unary(
         with upstream_errors("response"):
             async with asyncio.timeout(min(total, attempt.deadline - started)):
                 upstream = await attempt.adapter.send(
-                    endpoint.upstream_path, backend.config.model, attempt.body, attempt.headers
+                    endpoint.upstream_path,
+                    backend.config.model,
+                    attempt.body,
+                    attempt.headers,
+                    backend.model.name,
                 )
                 failure = upstream.failure()
                 if failure is not None:

@@ -231,8 +231,13 @@ class Adapter(abc.ABC):
         backend_model: str,
         body: bytes | bytearray,
         headers: dict[str, str],
+        public_model: str | None = None,
     ) -> UpstreamResponse:
-        """POST ``body`` to ``endpoint`` (e.g. ``chat/completions``); return at headers."""
+        """POST ``body`` to ``endpoint`` (e.g. ``chat/completions``); return at headers.
+
+        ``public_model`` is the gateway's name of the model asked for: a real provider
+        reports its own model name, the mock reports this one.
+        """
 
     @abc.abstractmethod
     async def probe(self) -> int:
@@ -273,6 +278,7 @@ class HttpAdapter(Adapter):
         backend_model: str,
         body: bytes | bytearray,
         headers: dict[str, str],
+        public_model: str | None = None,
     ) -> UpstreamResponse:
         headers.update(self._auth_headers)
         response = await self._session.post(

@@ -250,8 +250,39 @@ def test_usage_of_chunk_with_choices_and_usage() -> None:
 
 
 def test_usage_of_non_stream_completion() -> None:
-    payload = {"object": "chat.completion", "choices": [{"index": 0}], "usage": USAGE}
+    message = {"role": "assistant", "content": "Hi"}
+    payload = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": USAGE,
+    }
     assert usage_of(payload) == (11, 4, False)
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"index": 0, "delta": {}, "finish_reason": None}],  # LiteLLM's usage chunk
+        [{"index": 0, "delta": {"content": None, "role": None}, "logprobs": None}],
+        [{"index": 0}, {"index": 1, "delta": {}}],
+    ],
+)
+def test_usage_on_a_chunk_of_empty_choices_is_usage_only(choices: list[Any]) -> None:
+    assert usage_of({"choices": choices, "usage": USAGE}) == (11, 4, True)
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"index": 0, "delta": {"role": "assistant"}}],  # the first chunk: keeps its role
+        [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        [{"index": 0, "delta": {"content": "x"}}],
+        [{"index": 0, "text": "x"}],
+        [{"index": 0, "delta": {}}, {"index": 1, "delta": {"tool_calls": [{"index": 0}]}}],
+    ],
+)
+def test_usage_on_a_chunk_that_carries_something_is_not_usage_only(choices: list[Any]) -> None:
+    assert usage_of({"choices": choices, "usage": USAGE}) == (11, 4, False)
 
 
 @pytest.mark.parametrize(
