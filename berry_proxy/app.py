@@ -4,7 +4,9 @@ The app also carries what aiohttp's connection handler must enforce for it
 (``handler_args``): idle keep-alive connections, and connections whose request headers
 have not all arrived, are closed after ``server.keepalive_timeout_seconds``; its own
 errors are logged through the redacting bridge of ``log.py``. Serve it with
-``server.GatewayRunner`` (which also answers those errors in the SPEC envelope).
+``server.GatewayRunner``, which also answers those errors in the SPEC envelope and drops
+clients that take nothing of an answer for ``server.send_timeout_seconds`` (any aiohttp
+runner serves it, without those two).
 """
 
 from __future__ import annotations
@@ -69,7 +71,6 @@ def create_app(
         handler_args={
             "keepalive_timeout": server.keepalive_timeout_seconds,
             "logger": logging.getLogger("berry_proxy.http"),
-            "send_timeout": server.send_timeout_seconds,  # for GatewayRequestHandler
         },
     )
     pool = BackendPool(config, clock, wall_clock)

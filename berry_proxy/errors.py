@@ -187,6 +187,10 @@ class FailureKind(enum.Enum):
     RATE_LIMIT = "rate_limited"  # upstream 429
     AUTH = "auth_error"  # upstream 401/403: the provider's key is bad
     PROTOCOL = "protocol_error"  # 200 that is not JSON, broken SSE
+    # A 2xx answer larger than max_response_bytes: as likely the request's doing (a huge
+    # batch) as the provider's, and the same again on the same backend. Another backend
+    # is tried; no breaker or confidence is charged.
+    TOO_LARGE = "response_too_large"
     # Every connection slot to the provider is busy (max_connections): the gateway's own
     # limit, so it never counts against the provider.
     SATURATED = "saturated"

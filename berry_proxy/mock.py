@@ -335,7 +335,12 @@ def _input_value(request: Members) -> Any:
         raise InvalidRequest(
             "invalid_parameter", f"'input' is larger than {MAX_EMBEDDING_INPUT_BYTES} bytes"
         )
-    return None if raw is None else msgspec.json.decode(raw)
+    if raw is None:
+        return None
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:  # valid JSON it cannot hold, such as 1e400
+        raise InvalidRequest("invalid_parameter", "'input' holds a value out of range") from None
 
 
 def _reply(digest: bytes, index: int, count: int) -> list[str]:

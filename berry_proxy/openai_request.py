@@ -15,6 +15,7 @@ opt-in of ``stream_options``) replaced, so every other member goes upstream byte
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -236,8 +237,18 @@ def _duplicates_possible(raw: Body) -> bool:
     """Could ``raw`` name ``model`` or ``stream`` twice? The gateway reads the last one
     (as msgspec does); a provider might read the first, and serve a model the user may
     not use. Rebuilding the top level keeps one of each. (The check counts every quoted
-    ``"model"``, nested ones too: a false alarm only costs the rebuild.)"""
-    return raw.count(b'"model"') > 1 or raw.count(b'"stream"') > 1
+    ``"model"``, nested ones too, and takes any member name spelled with a ``\\u00XX``
+    escape, such as ``"mod\\u0065l"``, for a possible duplicate: a false alarm only costs
+    the rebuild.)"""
+    return (
+        raw.count(b'"model"') > 1
+        or raw.count(b'"stream"') > 1
+        or (b"\\u00" in raw and _ESCAPED_NAME.search(raw) is not None)
+    )
+
+
+# A member name (a string followed by ":") holding a \u00XX escape of an ASCII character.
+_ESCAPED_NAME = re.compile(rb'"[^"\\]*(?:\\u00[0-9a-fA-F]{2}[^"\\]*)+"\s*:')
 
 
 def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -> Body:

@@ -170,9 +170,7 @@ class StreamRelay:
         still learn from one error event that the answer is incomplete."""
         error_log.exception("stream_internal_error", request_id=self.ctx.request_id)
         self.ctx.abort_reason = "internal_error"
-        self.end = await self._send_error_event(
-            "internal_error", "The gateway failed while streaming"
-        )
+        await self._send_error_event_bounded("internal_error", "The gateway failed while streaming")
 
     # ----------------------------------------------------------------------------------
     # 1. Open: up to the commit point
@@ -385,18 +383,28 @@ class StreamRelay:
         message = _TIMEOUT_MESSAGES[expired]
         if self.response is None:
             raise UpstreamFailure(FailureKind.TIMEOUT, message)
-        if expired is Phase.CLIENT or self.error_sent:
-            # The client stopped reading (perhaps the one error event, already recorded).
+        writing = expired is Phase.CLIENT or (
+            expired is Phase.DEADLINE and self.watchdog.phase is Phase.CLIENT
+        )
+        if writing or self.error_sent:
+            # The client stopped reading, or had not taken the last write by the total
+            # limit (perhaps the one error event, already recorded): not the provider's
+            # doing, and nothing more can be written to it.
             self._drop_client()
             return
         failure = UpstreamFailure(FailureKind.TIMEOUT, message)
         self._failed(failure)
+        await self._send_error_event_bounded(
+            "upstream_timeout", f"The upstream stream broke: {message}"
+        )
+
+    async def _send_error_event_bounded(self, code: str, message: str) -> None:
+        """The one error event, outside the watchdog's block: bounded by the idle limit on
+        its own, so a client that stopped reading cannot hold the attempt's slot."""
         idle = self.attempt.backend.provider.config.idle_timeout_seconds
         try:
             async with asyncio.timeout(idle):
-                self.end = await self._send_error_event(
-                    "upstream_timeout", f"The upstream stream broke: {message}"
-                )
+                self.end = await self._send_error_event(code, message)
         except TimeoutError:
             self._drop_client()
 

@@ -77,9 +77,9 @@ class Router:
     ) -> ServiceUnavailable:
         """503 for ``model``, retry after the soonest of ``candidates`` could serve again."""
         now = self.pool.clock()
-        # A candidate out only because another request holds its half-open trial has no
-        # time of its own to wait for: it may be back in a moment (1 s then).
-        waits = [when - now for b in candidates if (when := back_in(b)) > now]
+        # A candidate that may be back any moment (another request holds its half-open
+        # trial, or its probe is due or running) makes the soonest wait 0: 1 s then.
+        waits = [max(0.0, back_in(b) - now) for b in candidates]
         retry_after = max(1, math.ceil(min(waits))) if waits else 1
         return ServiceUnavailable(
             "no_healthy_backends",

@@ -224,12 +224,15 @@ class GatewayRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # the app's start-up, then its Server
-        # Same handler, factory and options; only the connection class differs.
+        # Same handler, factory and options (aiohttp keeps no public copy of them); the
+        # connection class differs, and takes the send limit aiohttp's own would refuse.
+        options = dict(server._kwargs)
+        options["send_timeout"] = self.app[keys.CONFIG].server.send_timeout_seconds
         return GatewayServer(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
-            **server._kwargs,  # aiohttp keeps no public copy of them
+            **options,
         )
 
 

@@ -215,14 +215,18 @@ def read_members(data: bytes) -> dict[str, Any] | None:
     decoded, or ``LARGE``; None when ``data`` is not a JSON object.
 
     An event no larger than ``MAX_READ_MEMBER_BYTES`` (nearly all of them) is decoded
-    whole, in one call: whatever it holds, it cannot cost much.
+    whole, in one call: whatever it holds, it cannot cost much. Any other event, or one
+    orjson cannot decode whole, is decoded to its top level and then member by member.
     """
     if len(data) <= MAX_READ_MEMBER_BYTES:
         try:
             whole = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return None
-        return whole if isinstance(whole, dict) else None
+            # Perhaps valid JSON orjson cannot hold (a number such as 1e400): judged
+            # member by member below, as a large event is.
+            pass
+        else:
+            return whole if isinstance(whole, dict) else None
     try:
         members = _TOP_LEVEL.decode(data)
     except (msgspec.DecodeError, RecursionError):  # ValidationError: JSON, not an object

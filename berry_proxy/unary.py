@@ -2,9 +2,11 @@
 
 Bounds: the exchange (send, headers, body) within the provider's total timeout and the
 request's deadline; the body within ``max_response_bytes`` after decompression, or
-``MAX_ERROR_BODY_BYTES`` for a caller error passed through. A failure's body (5xx, 429,
-401/403, a redirect) is never read: the status says all, and a hostile upstream must not
-make each attempt hold ``max_response_bytes``. A 200 that is not JSON is a protocol failure
+``MAX_ERROR_BODY_BYTES`` for a caller error passed through. Past either limit the attempt
+is a ``TOO_LARGE`` failure: another backend is tried, this one is not tried again, and no
+breaker is charged (the request may well be what made the answer huge). A failure's body
+(5xx, 429, 401/403, a redirect) is never read: the status says all, and a hostile upstream
+must not make each attempt hold ``max_response_bytes``. A 200 that is not JSON is a protocol failure
 (the next backend may do better); it is checked by ``msgspec`` down to the top level
 without building the document, so a huge answer costs one pass over its bytes, and only
 a small ``usage`` member is decoded. The provider's own secrets are redacted from the body.
@@ -36,7 +38,7 @@ from .upstream import UpstreamResponse, passable_response_headers
 Clock = Callable[[], float]
 
 # A caller error's body (passed through as it is) is at most this large; a larger one is
-# not an error message but a broken answer.
+# not an error message but a broken answer (a TOO_LARGE failure).
 MAX_ERROR_BODY_BYTES = 1024 * 1024
 
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])

@@ -58,6 +58,8 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from berry_proxy import keys
+
 from .conftest import (
     ADMIN_TOKEN,
     CHAT_CONTENT,
@@ -1258,6 +1260,33 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(
     if stream:
         async with asyncio.timeout(2):
             await flood.cut.wait()  # the upstream stream was closed too
+
+
+async def test_a_total_limit_passing_while_a_client_is_not_reading_blames_no_provider(
+    start_gateway: GatewayFactory, flood: Flood
+) -> None:
+    """The provider streams as fast as it can; the client stops reading. The provider's
+    total limit passes while a write waits on the client: that client is dropped, and the
+    provider is not charged with a timeout (its breaker and confidence stay untouched)."""
+    assert flood.server is not None
+    raw = gateway_config(FakeUpstream(server=flood.server))
+    raw["providers"]["up1"].update(idle_timeout_seconds=30, total_timeout_seconds=1.0)
+    server = await start_gateway(raw)
+    pool = server.app[keys.POOL]
+    (backend,) = pool.backends["gpt-test"]
+    body = orjson.dumps({**CHAT, "stream": True})
+    with structlog.testing.capture_logs() as logs:
+        async with raw_connection(server.port) as stalled:
+            await stalled.send(chat_request(body))
+            async with asyncio.timeout(10):
+                await flood.cut.wait()  # the upstream stream was closed
+                while not any(line.get("abort_reason") for line in logs):  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # the access line follows the close
+    (line,) = [line for line in logs if line.get("abort_reason")]
+    assert line["abort_reason"] == "client_stalled"
+    assert backend.provider.breaker.consecutive_failures == 0
+    assert backend.breaker.consecutive_failures == 0
+    assert backend.stats.failed_requests == 0
 
 
 # --------------------------------------------------------------------------------------

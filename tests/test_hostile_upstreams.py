@@ -1294,6 +1294,23 @@ async def test_a_caller_error_larger_than_any_message_is_a_broken_answer(
     assert (status, headers["X-Berry-Provider"], headers["X-Berry-Attempts"]) == (200, "up2", "2")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_huge_caller_errors_on_a_lone_backend_are_never_retried_nor_trip_it(
+    aiohttp_server: ServerFactory, start_gateway: GatewayFactory, stream: bool
+) -> None:
+    """One backend, which answers every request with a 10 MiB 400 (a validation error
+    echoing a huge input, say). Each request is one attempt, and however many come, the
+    backend's breakers stay closed: the request may be what made the answer huge."""
+    hostile = await serve(aiohttp_server, HugeCallerError())
+    raw = gateway_config(hostile.upstream(), circuit_breaker_failure_threshold=2)
+    server = await start_gateway(raw)
+    for _ in range(4):
+        status, headers, body = await post(base_url(server), STREAM_CHAT if stream else CHAT)
+        assert (status, headers["X-Berry-Attempts"]) == (502, "1")
+        assert orjson.loads(body)["error"]["code"] == "upstream_error"
+    assert hostile.answers == 4
+
+
 @dataclass
 class TinyObjectsUsage(Hostile):
     """A 200 chat completion whose ``usage`` is 24 MiB of empty objects."""

@@ -466,6 +466,18 @@ def test_a_body_naming_stream_twice_is_rebuilt_too() -> None:
     assert orjson.loads(upstream_body(body, "m", add_usage=False))["stream"] is False
 
 
+@pytest.mark.parametrize("first", [b'"mod\\u0065l"', b'"\\u006dodel"', b'"mod\\u0065l" '])
+def test_a_model_named_first_with_an_escape_is_not_forwarded_beside_the_checked_one(
+    first: bytes,
+) -> None:
+    """``"mod\\u0065l"`` is ``"model"`` to a JSON parser, not to a byte count."""
+    raw = b"{" + first + b': "forbidden", "messages": [1], "model": "ok"}'
+    body = parse_request(raw, CHAT)
+    assert body.model == "ok"
+    sent = upstream_body(body, "ok", add_usage=False)
+    assert b"forbidden" not in sent
+
+
 def test_utf8_is_checked_without_holding_the_body_as_text() -> None:
     text = "x" * (16 * 1024 * 1024) + "👋"  # one emoji: as a str, 4 bytes per character
     raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})

@@ -442,6 +442,28 @@ def test_a_model_whose_only_trial_is_taken_is_a_503_retry_after_one_second(
     assert caught.value.headers["Retry-After"] == "1"
 
 
+def test_a_backend_whose_trial_is_taken_makes_retry_after_one_second_whatever_the_others(
+    config: Config, pool: BackendPool, clock: FakeClock
+) -> None:
+    """One backend may be back any moment (its trial is in flight); another reopens only
+    in 29 s. The soonest is what a client should wait for, not the other's reopening."""
+    light, medium, heavy = pool.backends["weighted"]
+    timeout = config.settings.circuit_breaker_timeout_seconds
+    open_breaker(pool, light)
+    clock.now += 31
+    open_breaker(pool, medium)
+    open_breaker(pool, heavy)
+    clock.now += timeout - 31  # light is half-open; medium and heavy reopen in 31 s
+    trial = pool.begin(light)
+    assert trial is not None
+    try:
+        with pytest.raises(ServiceUnavailable) as caught:
+            plan(config, pool, "weighted", "untagged")
+    finally:
+        pool.end(light, trial)
+    assert caught.value.headers["Retry-After"] == "1"
+
+
 def test_a_half_open_backend_gets_its_trial_first(
     config: Config, pool: BackendPool, clock: FakeClock
 ) -> None:

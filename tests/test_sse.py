@@ -26,6 +26,7 @@ from berry_proxy.sse import (
     is_done,
     may_carry_usage,
     usage_of,
+    without_usage,
 )
 
 
@@ -431,3 +432,26 @@ def test_the_pending_check_before_the_commit_counts_only_the_unfinished_tail() -
     assert crlf.pop() == b"data: 1\r\n\r\n"
     with pytest.raises(EventTooLarge):
         crlf.check_pending()
+
+
+def test_a_small_event_with_a_number_out_of_range_is_judged_as_a_large_one_is() -> None:
+    """orjson cannot hold 1e400; the event is still JSON, and its content commits."""
+    raw = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"x":1e400}]}\n\n'
+    assert classify(raw)[0] is EventKind.CONTENT
+
+
+def test_usage_is_removed_from_a_chunk_with_choices_and_everything_else_kept() -> None:
+    raw = (
+        b'id: 7\ndata: {"id":"c1","choices":[{"index":0,"delta":{"content":"x  y"},'
+        b'"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"cost":0.1},"z":[1, 2]}\n\n'
+    )
+    out = without_usage(raw)
+    assert out == (
+        b'id: 7\ndata: {"id":"c1","choices":[{"index":0,"delta":{"content":"x  y"},'
+        b'"finish_reason":"stop"}],"z":[1, 2]}\n\n'
+    )
+
+
+@pytest.mark.parametrize("raw", [b"data: [1, 2]\n\n", b": comment\n\n", b'data: {"a":1}\n\n'])
+def test_without_usage_leaves_an_event_without_it_as_it_is(raw: bytes) -> None:
+    assert without_usage(raw) is raw
