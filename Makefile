@@ -1,10 +1,14 @@
 # Every target creates the virtualenv and installs the project into it first, so a fresh
-# clone needs nothing but Python 3.11: `make run`, `make test`, `make lint`, `make bench`.
+# clone needs nothing but Python 3.11 (and Node.js with npm for `make test`, whose Node
+# SDK test installs the `openai` package in tests/node): `make run`, `make test`,
+# `make lint`, `make bench`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= config/berry.yaml
 STAMP := $(VENV)/.installed
+# The Node `openai` package the Node SDK test runs (tests/node, from its lock file).
+NODE_STAMP := tests/node/node_modules/.installed
 
 .PHONY: run test lint bench check-config clean
 
@@ -14,13 +18,17 @@ $(STAMP): setup.cfg
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
 run: $(STAMP)
 	$(BIN)/berry-proxy serve --config $(CONFIG)
 
 check-config: $(STAMP)
 	$(BIN)/berry-proxy check-config --config $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -284,7 +284,9 @@ class MockAdapter(Adapter):
             )
         try:
             encoding = member_value(request, "encoding_format") or "float"
-            dimensions = member_value(request, "dimensions") or self.settings.embedding_dimensions
+            dimensions = member_value(request, "dimensions")
+            if dimensions is None:
+                dimensions = self.settings.embedding_dimensions
         except InvalidRequest as exc:
             return _error(400, exc.message, "invalid_request_error")
         if encoding not in ("float", "base64"):

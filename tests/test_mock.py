@@ -8,6 +8,8 @@ it with the official SDK, as the README tells a newcomer to do.
 
 from __future__ import annotations
 
+import base64
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -322,6 +324,81 @@ async def test_single_string_embedding_input() -> None:
     assert reply["data"] == listed["data"]
 
 
+async def test_base64_embeddings_are_the_float_vector_as_little_endian_float32() -> None:
+    """OpenAI's ``encoding_format: "base64"`` (the Node SDK's default)."""
+    adapter = make_adapter(embedding_dimensions=16)
+    floats = await embed(adapter, ["alpha", "beta"])
+    response = await send(
+        adapter,
+        {"model": "x", "input": ["alpha", "beta"], "encoding_format": "base64"},
+        "embeddings",
+    )
+    encoded = orjson.loads(await response.read(LIMIT))
+    for plain, packed in zip(floats["data"], encoded["data"], strict=True):
+        raw = base64.b64decode(packed["embedding"])
+        decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+        assert decoded == pytest.approx(plain["embedding"], abs=1e-6)
+
+
+async def test_dimensions_shortens_the_vector() -> None:
+    response = await send(
+        make_adapter(), {"model": "x", "input": "a", "dimensions": 3}, "embeddings"
+    )
+    reply = orjson.loads(await response.read(LIMIT))
+    assert len(reply["data"][0]["embedding"]) == 3
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [b'"encoding_format":"hex"', b'"dimensions":0', b'"dimensions":"3"', b'"input":[1e400]'],
+)
+async def test_bad_embedding_fields_are_400s(fields: bytes) -> None:
+    body = b'{"model":"x","input":"a",' + fields + b"}"
+    response = await make_adapter().send("embeddings", "mock-model", body, {})
+    assert response.status == 400
+    assert orjson.loads(await response.read(LIMIT))["error"]["type"] == "invalid_request_error"
+
+
+async def test_n_gives_that_many_distinct_choices_and_counts_their_tokens() -> None:
+    reply = await chat(make_adapter(), n=3)
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in choices]
+    assert len(set(texts)) == 3
+    assert texts[0] == (await chat(make_adapter()))["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] == 3 * MAX_REPLY_WORDS
+
+
+async def test_n_streams_every_choice_with_its_index() -> None:
+    adapter = make_adapter(chunk_count=4)
+    body = {"model": "x", "messages": MESSAGES, "stream": True, "n": 2, "max_tokens": 6}
+    events = payloads(await read_parts(await send(adapter, body)))
+    assert events[-1] == "[DONE]"
+    texts = {0: "", 1: "", 2: ""}
+    finishes = {}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    replies = (await chat(make_adapter(), n=2, max_tokens=6))["choices"]
+    assert [texts[0], texts[1]] == [c["message"]["content"] for c in replies]
+    assert texts[2] == ""
+    assert finishes == {0: "length", 1: "length"}
+
+
+async def test_n_over_openais_limit_is_a_400() -> None:
+    response = await send(make_adapter(), {"model": "x", "messages": MESSAGES, "n": 129})
+    assert response.status == 400
+
+
+async def test_the_mock_reports_the_public_model_name_it_is_given() -> None:
+    adapter = make_adapter()
+    body = orjson.dumps({"model": "backend-name", "messages": MESSAGES})
+    answer = await adapter.send("chat/completions", "backend-name", body, {}, "gpt-4o")
+    assert orjson.loads(await answer.read(LIMIT))["model"] == "gpt-4o"
+
+
 # --------------------------------------------------------------------------------------
 # End to end: the default config, served by the gateway, called by the SDK
 # --------------------------------------------------------------------------------------
@@ -344,6 +421,7 @@ async def test_default_config_serves_chat_completion(default_sdk: openai.AsyncOp
     completion = raw.parse()
     assert raw.headers["x-berry-provider"] == "mock-fast"
     assert raw.headers["x-berry-backend-model"] == "mock-gpt-4o-mini"
+    assert completion.model == "gpt-4o-mini"  # the name the client asked for
     assert completion.choices[0].finish_reason == "stop"
     assert completion.choices[0].message.content
     assert completion.usage is not None
