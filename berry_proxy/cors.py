@@ -9,7 +9,8 @@ CORS off (no header is added and ``OPTIONS`` is a 405, as before).
   with a preflight) and never sent upstream. It allows the path's methods and the headers
   the page asked for (the OpenAI SDKs send their own ``x-stainless-*`` headers; a listed
   ``Authorization`` is never covered by a ``*``), for ``PREFLIGHT_MAX_AGE`` seconds.
-- Every other answer, errors included, carries ``Access-Control-Allow-Origin`` and
+- Every other answer to a request with an ``Origin`` (a browser script's), errors and
+  streams included, carries ``Access-Control-Allow-Origin`` and
   ``Access-Control-Expose-Headers`` (so a page can read the request id, the ``X-Berry-*``
   headers and the rate-limit headers). With a list of origins the allowed origin is
   echoed, and ``Vary: Origin`` tells caches the answer depends on it.
@@ -67,10 +68,15 @@ class CorsPolicy:
         # The same headers for every answer when any origin may call: built once.
         self._exposed = {ALLOW_ORIGIN: "*", EXPOSE_HEADERS: EXPOSED}
 
-    def answer_headers(self, origin: str | None) -> Mapping[str, str]:
-        """The CORS headers of an answer to a request from ``origin`` (its header)."""
+    def answer_headers(self, origin: str | None) -> Mapping[str, str] | None:
+        """The CORS headers of an answer to a request from ``origin`` (its header).
+
+        A request without ``Origin`` is no browser script's (browsers send it on every
+        cross-origin request): with ``"*"`` its answer needs nothing, so SDK traffic pays
+        nothing. With a list, every answer says it varies by ``Origin``, for caches.
+        """
         if self._any:
-            return self._exposed
+            return self._exposed if origin is not None else None
         if origin is not None and origin in self._origins:
             return {ALLOW_ORIGIN: origin, EXPOSE_HEADERS: EXPOSED, "Vary": "Origin"}
         return _VARY_ORIGIN
@@ -82,7 +88,7 @@ class CorsPolicy:
         browser then refuses the page's request itself.
         """
         origin = request.headers.get("Origin")
-        headers: dict[str, str] = dict(self.answer_headers(origin))
+        headers: dict[str, str] = dict(self.answer_headers(origin) or {})
         headers.pop(EXPOSE_HEADERS, None)  # meaningless on a preflight
         if ALLOW_ORIGIN in headers:
             methods = sorted({*allowed_methods, "OPTIONS"})

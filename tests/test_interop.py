@@ -130,6 +130,12 @@ async def test_every_answer_carries_the_cors_headers_errors_included(
     assert answer["Access-Control-Expose-Headers"] == EXPOSED
 
 
+async def test_a_request_without_origin_pays_nothing_for_cors(gateway: TestServer) -> None:
+    """No browser script sends a request without ``Origin``: an SDK's answer stays lean."""
+    _, answer, _ = await call(gateway, "POST", "/v1/chat/completions", AUTH, CHAT)
+    assert not [name for name in answer if name.lower().startswith("access-control-")]
+
+
 async def test_a_stream_carries_the_cors_headers(gateway: TestServer) -> None:
     headers = {"Origin": ORIGIN, **AUTH}
     status, answer, body = await call(
