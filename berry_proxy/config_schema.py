@@ -27,14 +27,13 @@ from .config_model import (
     Settings,
     SmartAISettings,
 )
+from .cors import normalize_origin
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-# A browser origin as the Origin header spells it: scheme://host[:port], no path.
-_ORIGIN = re.compile(r"^https?://[^/\s:?#]+(:[0-9]{1,5})?$")
 
 
 def _origin(value: str) -> None:
-    if value != "*" and not _ORIGIN.fullmatch(value):
+    if normalize_origin(value) is None:
         raise ValidationError(
             f"{value!r} is not an origin: use '*' or scheme://host[:port] without a path"
         )
@@ -103,7 +102,9 @@ class ServerSchema(_Strict):
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> ServerConfig:
         if "cors_allow_origins" in data:
-            data["cors_allow_origins"] = tuple(data["cors_allow_origins"])
+            # As browsers spell them, so that listed origins compare equal to Origin.
+            origins = (normalize_origin(o) for o in data["cors_allow_origins"])
+            data["cors_allow_origins"] = tuple(o for o in origins if o is not None)
         return ServerConfig(**data)
 
 

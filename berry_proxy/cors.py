@@ -10,7 +10,8 @@ CORS off (no header is added and ``OPTIONS`` is a 405, as before).
   the page asked for (the OpenAI SDKs send their own ``x-stainless-*`` headers; a listed
   ``Authorization`` is never covered by a ``*``), for ``PREFLIGHT_MAX_AGE`` seconds.
 - Every other answer to a request with an ``Origin`` (a browser script's), errors and
-  streams included, carries ``Access-Control-Allow-Origin`` and
+  streams included, carries ``Access-Control-Allow-Origin`` (with ``"*"``, not the
+  answers of routes that need no token: see ``CorsPolicy.answer_headers``) and
   ``Access-Control-Expose-Headers`` (so a page can read the request id, the ``X-Berry-*``
   headers and the rate-limit headers). With a list of origins the allowed origin is
   echoed, and ``Vary: Origin`` tells caches the answer depends on it.
@@ -68,15 +69,19 @@ class CorsPolicy:
         # The same headers for every answer when any origin may call: built once.
         self._exposed = {ALLOW_ORIGIN: "*", EXPOSE_HEADERS: EXPOSED}
 
-    def answer_headers(self, origin: str | None) -> Mapping[str, str] | None:
-        """The CORS headers of an answer to a request from ``origin`` (its header).
+    def answer_headers(self, origin: str | None, public: bool = False) -> Mapping[str, str] | None:
+        """The CORS headers of an answer to a request from ``origin`` (its header), to a
+        route that needs a token, or none (``public``).
 
         A request without ``Origin`` is no browser script's (browsers send it on every
         cross-origin request): with ``"*"`` its answer needs nothing, so SDK traffic pays
-        nothing. With a list, every answer says it varies by ``Origin``, for caches.
+        nothing. ``"*"`` does not cover public routes: any web page a colleague opens
+        could otherwise read an intranet gateway's health and weights without a token;
+        only listed origins may. With a list, every answer says it varies by ``Origin``,
+        for caches.
         """
         if self._any:
-            return self._exposed if origin is not None else None
+            return self._exposed if origin is not None and not public else None
         if origin is not None and origin in self._origins:
             return {ALLOW_ORIGIN: origin, EXPOSE_HEADERS: EXPOSED, "Vary": "Origin"}
         return _VARY_ORIGIN
@@ -101,6 +106,29 @@ class CorsPolicy:
             vary = "Origin, Access-Control-Request-Headers"
             headers["Vary"] = vary if not self._any else "Access-Control-Request-Headers"
         return web.Response(status=204, headers=headers)
+
+
+# scheme://host[:port] as a browser's Origin header spells it: no path, no user info.
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/\s:?#@\[\]]+)(?::(?P<port>[0-9]{1,5}))?",
+    re.IGNORECASE,
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(value: str) -> str | None:
+    """``value`` as browsers send it in ``Origin`` (scheme and host in lower case, no
+    default port), ``"*"`` as it is; None when it is not an origin."""
+    if value == "*":
+        return value
+    match = _ORIGIN.fullmatch(value)
+    if match is None:
+        return None
+    scheme, host = match["scheme"].lower(), match["host"].lower()
+    port = int(match["port"] or _DEFAULT_PORTS[scheme])
+    if port > 65535:
+        return None
+    return f"{scheme}://{host}" if port == _DEFAULT_PORTS[scheme] else f"{scheme}://{host}:{port}"
 
 
 def allowed_headers(requested: str | None) -> str:

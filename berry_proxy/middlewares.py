@@ -61,9 +61,12 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
             if cors is not None and (allowed := _preflight_methods(request)):
                 response = cors.preflight(request, allowed)  # no token, nothing upstream
             else:
+                level = access_level(request)
                 if cors is not None:
-                    ctx.cors = cors.answer_headers(request.headers.get("Origin"))
-                authorize(request, ctx)
+                    ctx.cors = cors.answer_headers(
+                        request.headers.get("Origin"), public=level is Access.PUBLIC
+                    )
+                authorize(request, ctx, level)
                 response = await handler(request)
         except Exception as exc:
             response = shape_error(exc, request, ctx)
@@ -173,16 +176,22 @@ def shape_error(exc: Exception, request: web.Request, ctx: RequestContext) -> we
     return response
 
 
-def authorize(request: web.Request, ctx: RequestContext) -> None:
-    """Enforce the ``Access`` level the matched handler declares (401/403 otherwise)."""
+def access_level(request: web.Request) -> Access | None:
+    """Who may call the matched handler (``STATUS`` resolved by ``server.public_status``);
+    None when no route matched (aiohttp's 404/405 handler raises, for anyone)."""
     match_info = request.match_info
     if match_info.http_exception is not None:
-        return  # no route matched: aiohttp's 404/405 handler raises, for anyone
+        return None
     level = declared_access(match_info.handler)
     if level is Access.STATUS:
         public = request.app[keys.CONFIG].server.public_status
         level = Access.PUBLIC if public else Access.ADMIN
-    if level is Access.PUBLIC:
+    return level
+
+
+def authorize(request: web.Request, ctx: RequestContext, level: Access | None) -> None:
+    """Enforce the ``Access`` level the matched handler declares (401/403 otherwise)."""
+    if level is None or level is Access.PUBLIC:
         return
     headers = request.headers
     user = request.app[keys.AUTHENTICATOR].authenticate(

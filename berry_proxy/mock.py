@@ -47,6 +47,9 @@ SSE_DONE = b"data: [DONE]\n\n"
 MAX_EMBEDDING_INPUTS = 2048
 MAX_CHOICES = 128
 MAX_EMBEDDING_DIMENSIONS = 8192
+# Values the mock computes for one embeddings request at most (inputs x dimensions): it
+# computes them on the event loop, ~1 µs each, and one client must not hold it for long.
+MAX_EMBEDDING_VALUES = 256 * 1024
 
 
 def sse_event(payload: Any) -> bytes:
@@ -301,6 +304,13 @@ class MockAdapter(Adapter):
             return _error(
                 400,
                 f"'dimensions' must be an integer from 1 to {MAX_EMBEDDING_DIMENSIONS}.",
+                "invalid_request_error",
+            )
+        if len(inputs) * dimensions > MAX_EMBEDDING_VALUES:
+            return _error(
+                400,
+                f"The mock embeds at most {MAX_EMBEDDING_VALUES} values per request "
+                "(inputs x dimensions); send fewer inputs or dimensions.",
                 "invalid_request_error",
             )
         data = []

@@ -234,15 +234,17 @@ def _check_required(members: dict[str, msgspec.Raw], endpoint: Endpoint) -> None
 
 
 def _duplicates_possible(raw: Body) -> bool:
-    """Could ``raw`` name ``model`` or ``stream`` twice? The gateway reads the last one
-    (as msgspec does); a provider might read the first, and serve a model the user may
-    not use. Rebuilding the top level keeps one of each. (The check counts every quoted
-    ``"model"``, nested ones too, and takes any member name spelled with a ``\\u00XX``
+    """Could ``raw`` name ``model``, ``stream`` or ``stream_options`` twice? The gateway
+    reads the last one (as msgspec does); a provider might read the first, and serve a
+    model the user may not use, or leave out the usage the gateway counts on. Rebuilding
+    the top level keeps one of each. (The check counts every quoted ``"model"``, nested
+    ones too, and takes any member name spelled with a ``\\u00XX``
     escape, such as ``"mod\\u0065l"``, for a possible duplicate: a false alarm only costs
     the rebuild.)"""
     return (
         raw.count(b'"model"') > 1
         or raw.count(b'"stream"') > 1
+        or raw.count(b'"stream_options"') > 1
         or (b"\\u00" in raw and _ESCAPED_NAME.search(raw) is not None)
     )
 

@@ -58,10 +58,16 @@ DROPPED_REQUEST_HEADERS = frozenset(
         "true-client-ip",
         "cf-connecting-ip",
         "via",
+        # Which page a browser app's request came from: the gateway answers CORS itself,
+        # and a provider that checks Origin (Ollama refuses unknown ones with 403, which
+        # would count against its breaker) must see a server-side client.
+        "origin",
+        "referer",
     }
 )
-# Every X-Forwarded-* header (For, Host, Proto, Port, Prefix...) stays behind as well.
-DROPPED_REQUEST_PREFIX = "x-forwarded-"
+# Every X-Forwarded-* header (For, Host, Proto, Port, Prefix...) stays behind as well, and
+# so do a browser's fetch metadata, client hints and preflight questions.
+DROPPED_REQUEST_PREFIXES = ("x-forwarded-", "sec-fetch-", "sec-ch-", "access-control-request-")
 
 # Upstream response headers passed to the client: what describes the body, and OpenAI's
 # own informational headers. Everything else (hop-by-hop, cookies, the provider account's
@@ -90,7 +96,7 @@ def forwardable_request_headers(client_headers: Mapping[str, str]) -> dict[str, 
         for k, v in client_headers.items()
         if (lower := k.lower()) not in DROPPED_REQUEST_HEADERS
         and lower not in listed
-        and not lower.startswith(DROPPED_REQUEST_PREFIX)
+        and not lower.startswith(DROPPED_REQUEST_PREFIXES)
     }
 
 

@@ -110,7 +110,6 @@ async def test_a_preflight_lists_only_sane_requested_headers(gateway: TestServer
         ("GET", "/v1/models", ADMIN_TOKEN, None, 200),
         ("GET", "/nowhere", None, None, 404),
         ("DELETE", "/v1/models", ADMIN_TOKEN, None, 405),
-        ("GET", "/health", None, None, 200),
     ],
 )
 async def test_every_answer_carries_the_cors_headers_errors_included(
@@ -130,10 +129,52 @@ async def test_every_answer_carries_the_cors_headers_errors_included(
     assert answer["Access-Control-Expose-Headers"] == EXPOSED
 
 
+@pytest.mark.parametrize("path", ["/health", "/v1/health", "/smart-ai/weights"])
+async def test_views_without_a_token_are_readable_by_listed_origins_only(
+    start_gateway: GatewayFactory, upstream: FakeUpstream, path: str
+) -> None:
+    """With ``"*"`` any page a colleague opens could read an intranet gateway's public
+    health and weights; only origins the operator listed may."""
+    anyone = await start_gateway(gateway_config(upstream))
+    status, answer, _ = await call(anyone, "GET", path, {"Origin": ORIGIN})
+    assert status == 200
+    assert "Access-Control-Allow-Origin" not in answer
+    raw = gateway_config(upstream)
+    raw["server"]["cors_allow_origins"] = [ORIGIN]
+    listed = await start_gateway(raw)
+    status, answer, _ = await call(listed, "GET", path, {"Origin": ORIGIN})
+    assert (status, answer["Access-Control-Allow-Origin"]) == (200, ORIGIN)
+
+
 async def test_a_request_without_origin_pays_nothing_for_cors(gateway: TestServer) -> None:
     """No browser script sends a request without ``Origin``: an SDK's answer stays lean."""
     _, answer, _ = await call(gateway, "POST", "/v1/chat/completions", AUTH, CHAT)
     assert not [name for name in answer if name.lower().startswith("access-control-")]
+
+
+async def test_what_a_browser_says_about_the_page_never_reaches_the_provider(
+    gateway: TestServer, upstream: FakeUpstream
+) -> None:
+    """A provider that checks ``Origin`` (Ollama answers 403 to unknown ones) must see a
+    server-side client, or a browser app's traffic would count against its breaker."""
+    browser = {
+        **AUTH,
+        "Origin": ORIGIN,
+        "Referer": ORIGIN + "/chat?draft=secret",
+        "Sec-Fetch-Mode": "cors",
+        "Sec-Fetch-Site": "same-site",
+        "Sec-Ch-Ua": '"Chromium";v="156"',
+        "Sec-Ch-Ua-Platform": '"Linux"',
+        "Access-Control-Request-Method": "POST",
+    }
+    status, _, _ = await call(gateway, "POST", "/v1/chat/completions", browser, CHAT)
+    assert status == 200
+    (recorded,) = upstream.requests
+    sent = {name.lower() for name in recorded.headers}
+    for name in browser:
+        if name != "Authorization":
+            assert name.lower() not in sent, name
+    assert "draft=secret" not in str(recorded.headers)
 
 
 async def test_a_stream_carries_the_cors_headers(gateway: TestServer) -> None:
@@ -189,7 +230,33 @@ async def test_an_empty_origin_list_turns_cors_off(
 
 
 @pytest.mark.parametrize(
-    "origin", ["http://x.test/", "http://x.test/app", "x.test", "ftp://x.test", "*.x.test", ""]
+    ("listed", "sent"),
+    [
+        ("https://App.Example.com", "https://app.example.com"),
+        ("https://app.example.com:443", "https://app.example.com"),
+        ("HTTP://localhost:80", "http://localhost"),
+        ("http://[::1]:5173", "http://[::1]:5173"),
+    ],
+)
+async def test_listed_origins_match_as_browsers_spell_them(
+    start_gateway: GatewayFactory, upstream: FakeUpstream, listed: str, sent: str
+) -> None:
+    raw = gateway_config(upstream)
+    raw["server"]["cors_allow_origins"] = [listed]
+    server = await start_gateway(raw)
+    _, answer, _ = await call(server, "GET", "/v1/models", {"Origin": sent, **AUTH})
+    assert answer["Access-Control-Allow-Origin"] == sent
+    status, preflight, _ = await call(
+        server, "OPTIONS", "/v1/chat/completions", {**PREFLIGHT, "Origin": sent}
+    )
+    assert (status, preflight["Access-Control-Allow-Origin"]) == (204, sent)
+    assert preflight["Vary"] == "Origin, Access-Control-Request-Headers"
+    assert "x-stainless-os" in preflight["Access-Control-Allow-Headers"]
+
+
+@pytest.mark.parametrize(
+    "origin",
+    ["http://x.test/", "http://x.test/app", "x.test", "ftp://x.test", "*.x.test", "", "http://u@x"],
 )
 def test_an_origin_that_is_not_one_is_a_config_error(origin: str) -> None:
     raw = {

@@ -340,12 +340,21 @@ async def test_base64_embeddings_are_the_float_vector_as_little_endian_float32()
         assert decoded == pytest.approx(plain["embedding"], abs=1e-6)
 
 
-async def test_dimensions_shortens_the_vector() -> None:
+async def test_dimensions_sets_the_length_of_a_unit_vector() -> None:
     response = await send(
         make_adapter(), {"model": "x", "input": "a", "dimensions": 3}, "embeddings"
     )
-    reply = orjson.loads(await response.read(LIMIT))
-    assert len(reply["data"][0]["embedding"]) == 3
+    vector = orjson.loads(await response.read(LIMIT))["data"][0]["embedding"]
+    assert len(vector) == 3
+    assert sum(v * v for v in vector) == pytest.approx(1.0, abs=1e-4)
+
+
+async def test_an_embeddings_request_that_would_hold_the_loop_is_a_400() -> None:
+    """512 inputs of 8192 dimensions took ~5 s of the event loop: refused at once."""
+    body = {"model": "x", "input": ["a"] * 512, "dimensions": 8192}
+    response = await send(make_adapter(), body, "embeddings")
+    assert response.status == 400
+    assert "inputs x dimensions" in orjson.loads(await response.read(LIMIT))["error"]["message"]
 
 
 @pytest.mark.parametrize(

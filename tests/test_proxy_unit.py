@@ -478,6 +478,17 @@ def test_a_model_named_first_with_an_escape_is_not_forwarded_beside_the_checked_
     assert b"forbidden" not in sent
 
 
+def test_a_body_naming_stream_options_twice_is_rebuilt_with_the_usage_opt_in() -> None:
+    raw = (
+        b'{"model": "m", "stream": true, "messages": [1], '
+        b'"stream_options": {"include_usage": false}, "stream_options": {"include_usage": true}}'
+    )
+    body = parse_request(raw, CHAT)
+    sent = upstream_body(body, "m", add_usage=not body.wants_usage)
+    assert sent.count(b'"stream_options"') == 1
+    assert orjson.loads(sent)["stream_options"] == {"include_usage": True}
+
+
 def test_utf8_is_checked_without_holding_the_body_as_text() -> None:
     text = "x" * (16 * 1024 * 1024) + "👋"  # one emoji: as a str, 4 bytes per character
     raw = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})

@@ -26,6 +26,7 @@ from berry_proxy.sse import (
     is_done,
     may_carry_usage,
     usage_of,
+    usage_position,
     without_usage,
 )
 
@@ -455,3 +456,19 @@ def test_usage_is_removed_from_a_chunk_with_choices_and_everything_else_kept() -
 @pytest.mark.parametrize("raw", [b"data: [1, 2]\n\n", b": comment\n\n", b'data: {"a":1}\n\n'])
 def test_without_usage_leaves_an_event_without_it_as_it_is(raw: bytes) -> None:
     assert without_usage(raw) is raw
+
+
+@pytest.mark.parametrize(
+    ("data", "position"),
+    [
+        (b'{"usage":{"prompt_tokens":1}}', 1),
+        (b'{"usage": {"prompt_tokens":1}}', 1),
+        (b'{"usage" : {"prompt_tokens":1}}', 1),
+        (b'{"usage" :{}, "x": 1}', 1),
+        (b'{"usage":null,"usage" : {}}', 14),
+        (b'{"usage" : null}', -1),
+        (b'{"usage":null}', -1),
+    ],
+)
+def test_usage_position_finds_every_spelling_of_a_usage_object(data: bytes, position: int) -> None:
+    assert usage_position(data) == position
