@@ -23,11 +23,12 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import keys, routing_views, status
+from . import keys, metrics_views, routing_views, status
 from .auth import Authenticator, declared_access
 from .config import Config
 from .cors import policy_for
 from .health import HealthProber
+from .metrics import registry_for
 from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
 from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
@@ -82,6 +83,7 @@ def create_app(
     app[keys.CORS] = policy_for(server.cors_allow_origins)
     router = Router(pool, rng)
     app[keys.ROUTER] = router
+    app[keys.METRICS_REGISTRY] = registry_for(pool, router)
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One session for every provider: pooled keep-alive connections. Per-provider
@@ -141,6 +143,9 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/v1/health", status.v1_health),
         ("GET", "/models", status.models_overview),
         ("GET", "/health", status.health),
+        ("GET", "/metrics", metrics_views.metrics_json),
+        ("GET", "/prometheus", metrics_views.prometheus),
+        ("GET", "/", metrics_views.status_page),
         ("GET", "/admin/model-weights", routing_views.model_weights),
         ("GET", "/admin/backend-health", routing_views.backend_health),
         ("GET", "/admin/system-stats", routing_views.system_stats),

@@ -90,6 +90,11 @@ class Exchange:
             provider.slots.release()
         self.pool.end(self.backend, self.admission)
 
+    def elapsed(self) -> float:
+        """Seconds since the attempt got its connection slot (0 before that)."""
+        acquired = self._acquired_at
+        return 0.0 if acquired is None else self.pool.clock() - acquired
+
     async def _take_slot(self) -> None:
         provider = self.backend.provider
         slots = provider.slots

@@ -9,6 +9,8 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from .auth import Authenticator
     from .config import Config, UserConfig
     from .context import RequestContext
@@ -27,6 +29,8 @@ PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 PROBER: web.AppKey[HealthProber] = web.AppKey("prober")
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
+# The app's Prometheus registry (metrics.registry_for).
+METRICS_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
 # None when CORS is off (``server.cors_allow_origins: []``).
 CORS: web.AppKey[CorsPolicy | None] = web.AppKey("cors")
 # Monotonic seconds; injected so tests can drive time.

@@ -25,6 +25,7 @@ from .auth import Access, declared_access, require_admin
 from .context import RequestContext, request_id_from
 from .cors import is_preflight
 from .errors import (
+    AuthenticationFailed,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -54,6 +55,8 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx.route = resource.canonical if resource is not None else "unmatched"
     request[keys.REQUEST_CONTEXT] = ctx
     cors = request.app[keys.CORS]
+    metrics = request.app[keys.POOL].metrics
+    metrics.request_started(ctx.route)
     drop = False
     try:
         try:
@@ -87,7 +90,9 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx.abort_reason = ctx.abort_reason or "client_disconnected"
         raise
     finally:
-        access_log.info("request", **ctx.log_fields(clock()))
+        now = clock()
+        metrics.request_ended(ctx, now - ctx.started)
+        access_log.info("request", **ctx.log_fields(now))
 
 
 async def send_and_drop(request: web.Request, response: web.StreamResponse) -> None:
@@ -194,9 +199,15 @@ def authorize(request: web.Request, ctx: RequestContext, level: Access | None) -
     if level is None or level is Access.PUBLIC:
         return
     headers = request.headers
-    user = request.app[keys.AUTHENTICATOR].authenticate(
-        headers.get("Authorization"), headers.get("api-key")
-    )
+    metrics = request.app[keys.POOL].metrics
+    try:
+        user = request.app[keys.AUTHENTICATOR].authenticate(
+            headers.get("Authorization"), headers.get("api-key")
+        )
+    except AuthenticationFailed as failure:
+        metrics.auth_failed(failure.code)
+        raise
+    metrics.authenticated()
     ctx.user = user.id
     if level is Access.ADMIN:
         require_admin(user)

@@ -26,17 +26,37 @@ class Outcomes:
 
     def served(self, exchange: Exchange, latency: float) -> None:
         """The attempt's answer reached the client whole (a stream: up to ``[DONE]``)."""
-        self.pool.record_success(exchange.backend, latency, exchange.admission)
+        backend = exchange.backend
+        self.pool.record_success(backend, latency, exchange.admission)
+        self.pool.metrics.attempted(backend.provider.id, backend.model.id, "success", latency)
+
+    def passed_through(self, exchange: Exchange) -> None:
+        """The attempt's answer was the caller's error (4xx): nobody's failure."""
+        backend = exchange.backend
+        self.pool.metrics.attempted(
+            backend.provider.id, backend.model.id, "client_error", exchange.elapsed()
+        )
 
     def proven(self, exchange: Exchange) -> None:
         """A stream reached its first content: a trial attempt has proven its backend."""
         self.pool.confirm_trial(exchange.backend, exchange.admission)
 
+    def abandoned(self, exchange: Exchange) -> None:
+        """The client left (or stopped reading) during a committed stream."""
+        backend = exchange.backend
+        self.pool.metrics.attempted(
+            backend.provider.id, backend.model.id, "client_gone", exchange.elapsed()
+        )
+
     def failed(self, exchange: Exchange, failure: UpstreamFailure) -> None:
         """The attempt failed; saturation (the gateway's own limit) blames no one."""
-        self.ctx.failures.append(f"{exchange.backend.provider.id}: {failure.kind.value}")
-        if failure.kind is not FailureKind.SATURATED:
-            self.pool.record_failure(exchange.backend, failure, exchange.admission, self.evidence)
+        backend = exchange.backend
+        self.ctx.failures.append(f"{backend.provider.id}: {failure.kind.value}")
+        if failure.kind is not FailureKind.SATURATED:  # else nothing was sent
+            self.pool.record_failure(backend, failure, exchange.admission, self.evidence)
+            self.pool.metrics.attempted(
+                backend.provider.id, backend.model.id, failure.kind.value, exchange.elapsed()
+            )
 
     def model_outcome(self, model_id: str, ok: bool, latency: float) -> None:
         self.pool.record_model_outcome(model_id, ok=ok, latency=latency)

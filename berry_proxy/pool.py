@@ -25,6 +25,7 @@ from .breaker import BreakerState, CircuitBreaker, Ticket
 from .config import BackendConfig, Config, ModelConfig, ProviderConfig, UserConfig
 from .errors import FailureKind, UpstreamFailure
 from .log import get_logger
+from .metrics import Metrics
 from .smart_ai import Confidence
 
 Clock = Callable[[], float]
@@ -255,6 +256,8 @@ class BackendPool:
         self.model_stats = {mid: Stats() for mid in config.models}
         self.in_flight = 0
         self.total_requests = 0
+        # What Prometheus counts (requests, attempts, probes...): see metrics.py.
+        self.metrics = Metrics()
         # Called with a provider whose breaker just opened (the prober re-probes it soon).
         self.on_provider_opened: Callable[[ProviderState], None] | None = None
 
@@ -365,6 +368,7 @@ class BackendPool:
     def record_probe(self, provider: ProviderState, error: str | None) -> None:
         """A health probe's result (``error`` None: it answered)."""
         provider.last_check = self.wall_clock()
+        self.metrics.probed(provider.id, error is None)
         provider.probe_ok = error is None
         provider.probe_error = error
         breaker = provider.breaker

@@ -104,6 +104,8 @@ class Proxy:
         headers["X-Request-ID"] = ctx.request_id
         add_usage = body.stream and not body.wants_usage
         bodies: dict[str, Body] = {}  # backend model -> rewritten body, built once each
+        metrics = self.pool.metrics
+        failed_before: str | None = None  # the kind of the last failed attempt
         for backend in failover:
             backend_model = backend.config.model
             upstream_request = bodies.get(backend_model)
@@ -128,6 +130,9 @@ class Proxy:
                 async with exchange:
                     failover.sent(backend)
                     ctx.attempts = failover.attempts
+                    metrics.selected(model.id, model.strategy, backend.provider.id)
+                    if failed_before is not None:
+                        metrics.failed_over(model.id, failed_before)
                     if body.stream:
                         relay = StreamRelay(
                             request, ctx, endpoint, attempt, exchange, outcomes, clock
@@ -137,6 +142,7 @@ class Proxy:
             except UpstreamFailure as failure:
                 failover.failed(backend, failure)
                 outcomes.failed(exchange, failure)
+                failed_before = failure.kind.value
         outcomes.model_outcome(model.id, ok=False, latency=0.0)
         raise failover.final_error(lambda: self.router.no_healthy_backends(model, plan))
 

@@ -245,6 +245,7 @@ class StreamRelay:
         self.end = StreamEnd.DONE
         answered_at = self.clock()
         self._answered(answered_at)
+        self.outcomes.passed_through(self.exchange)
         redact = self.attempt.adapter.redact
         if redact:
             body = redact(body)
@@ -436,5 +437,7 @@ class StreamRelay:
         latency = (self.answered_at or self.clock()) - self.started
         if end is StreamEnd.DONE:
             self.outcomes.served(self.exchange, latency)
+        elif end is StreamEnd.CLIENT_GONE:
+            self.outcomes.abandoned(self.exchange)
         if end is not StreamEnd.CLIENT_GONE:
             self.outcomes.model_outcome(backend.model.id, ok=end is StreamEnd.DONE, latency=latency)

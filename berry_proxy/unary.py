@@ -90,6 +90,8 @@ async def unary(
         ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
         outcomes.served(exchange, latency)
         outcomes.model_outcome(backend.model.id, ok=True, latency=latency)
+    else:
+        outcomes.passed_through(exchange)
     if attempt.adapter.redact:
         data = attempt.adapter.redact(data)
     headers = passable_response_headers(upstream.headers)
