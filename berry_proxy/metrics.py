@@ -91,7 +91,7 @@ UPSTREAM_REQUESTS = Family(
 )
 UPSTREAM_DURATION = Family(
     "berry_upstream_duration_seconds",
-    "Time an attempt waited on its provider",
+    "Time an attempt held its provider connection (a stream: until it ended)",
     ("provider",),
     LLM_SECONDS,
 )
@@ -240,13 +240,16 @@ class Metrics:
         self.request_duration.observe((route, model), duration)
         if ctx.overhead is not None:
             self.overhead.observe((route,), ctx.overhead)
-        if ctx.stream and ctx.time_to_first_byte is not None and ctx.provider is not None:
+        status = ctx.status
+        if ctx.stream and status == 200 and ctx.time_to_first_byte is not None and ctx.provider:
             self.time_to_first_token.observe((model, ctx.provider), ctx.time_to_first_byte)
         user = ctx.user or ""
-        if ctx.prompt_tokens:
-            _add(self.tokens, (user, model, "prompt"), ctx.prompt_tokens)
-        if ctx.completion_tokens:
-            _add(self.tokens, (user, model, "completion"), ctx.completion_tokens)
+        # Only positive counts: an upstream reporting -5 must not make a counter go down.
+        prompt, completion = ctx.prompt_tokens, ctx.completion_tokens
+        if prompt is not None and prompt > 0:
+            _add(self.tokens, (user, model, "prompt"), prompt)
+        if completion is not None and completion > 0:
+            _add(self.tokens, (user, model, "completion"), completion)
 
     # Authentication, attempts, probes -----------------------------------------------------
 
@@ -340,8 +343,11 @@ class GatewayCollector(Collector):
                 if key not in seen:
                     seen.add(key)
                     healthy.add_metric(list(key), 1.0 if backend.healthy else 0.0)
-                # The same upstream model listed twice for one model is drawn twice.
-                drawn[key] = drawn.get(key, 0.0) + weight.effective_weight
+                # The same upstream model listed twice for one model is drawn twice; a
+                # backend the config disables is never drawn.
+                drawn[key] = drawn.get(key, 0.0) + (
+                    weight.effective_weight if backend.usable else 0.0
+                )
             for (pid, backend_model), weight_sum in drawn.items():
                 weights.add_metric([model.id, pid, backend_model], weight_sum)
         yield healthy

@@ -17,25 +17,33 @@ from .pool import BackendPool, Evidence
 
 
 class Outcomes:
-    __slots__ = ("ctx", "evidence", "pool")
+    __slots__ = ("_counted", "ctx", "evidence", "pool")
 
     def __init__(self, pool: BackendPool, ctx: RequestContext) -> None:
         self.pool = pool
         self.ctx = ctx
         self.evidence = Evidence()
+        self._counted: Exchange | None = None  # the attempt whose outcome is counted
+
+    def _count(self, exchange: Exchange, outcome: str) -> None:
+        """One ``berry_upstream_requests_total`` sample per attempt: the first outcome
+        reported (a broken stream whose client then left is a failure, not also gone)."""
+        if self._counted is exchange:
+            return
+        self._counted = exchange
+        backend = exchange.backend
+        self.pool.metrics.attempted(
+            backend.provider.id, backend.model.id, outcome, exchange.elapsed()
+        )
 
     def served(self, exchange: Exchange, latency: float) -> None:
         """The attempt's answer reached the client whole (a stream: up to ``[DONE]``)."""
-        backend = exchange.backend
-        self.pool.record_success(backend, latency, exchange.admission)
-        self.pool.metrics.attempted(backend.provider.id, backend.model.id, "success", latency)
+        self.pool.record_success(exchange.backend, latency, exchange.admission)
+        self._count(exchange, "success")
 
     def passed_through(self, exchange: Exchange) -> None:
         """The attempt's answer was the caller's error (4xx): nobody's failure."""
-        backend = exchange.backend
-        self.pool.metrics.attempted(
-            backend.provider.id, backend.model.id, "client_error", exchange.elapsed()
-        )
+        self._count(exchange, "client_error")
 
     def proven(self, exchange: Exchange) -> None:
         """A stream reached its first content: a trial attempt has proven its backend."""
@@ -43,10 +51,7 @@ class Outcomes:
 
     def abandoned(self, exchange: Exchange) -> None:
         """The client left (or stopped reading) during a committed stream."""
-        backend = exchange.backend
-        self.pool.metrics.attempted(
-            backend.provider.id, backend.model.id, "client_gone", exchange.elapsed()
-        )
+        self._count(exchange, "client_gone")
 
     def failed(self, exchange: Exchange, failure: UpstreamFailure) -> None:
         """The attempt failed; saturation (the gateway's own limit) blames no one."""
@@ -54,9 +59,7 @@ class Outcomes:
         self.ctx.failures.append(f"{backend.provider.id}: {failure.kind.value}")
         if failure.kind is not FailureKind.SATURATED:  # else nothing was sent
             self.pool.record_failure(backend, failure, exchange.admission, self.evidence)
-            self.pool.metrics.attempted(
-                backend.provider.id, backend.model.id, failure.kind.value, exchange.elapsed()
-            )
+            self._count(exchange, failure.kind.value)
 
     def model_outcome(self, model_id: str, ok: bool, latency: float) -> None:
         self.pool.record_model_outcome(model_id, ok=ok, latency=latency)

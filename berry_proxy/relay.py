@@ -141,6 +141,8 @@ class StreamRelay:
             return self.response
         except asyncio.CancelledError:
             self.ctx.abort_reason = "client_disconnected"
+            if self.response is not None and self.response.prepared:
+                self.outcomes.abandoned(self.exchange)
             raise
         finally:
             if self.answered_at is None:
@@ -299,6 +301,8 @@ class StreamRelay:
         except ConnectionResetError:
             self._client_gone()
             return False
+        # Its status is sent: a stream the client then leaves was still a 200.
+        ctx.status = 200
         return True
 
     async def _copy(self) -> None:

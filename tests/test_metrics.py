@@ -25,7 +25,8 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from berry_proxy import keys
-from berry_proxy.metrics import EXPORTED_METRICS, HISTOGRAMS
+from berry_proxy.context import RequestContext
+from berry_proxy.metrics import EXPORTED_METRICS, HISTOGRAMS, Metrics
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -158,18 +159,16 @@ async def test_two_apps_count_apart(start_gateway: GatewayFactory, upstream: Fak
     first = await start_gateway(gateway_config(upstream))
     second = await start_gateway(gateway_config(upstream))
     assert await chat(first) == 200
-    samples = await scrape(second)
-    assert (
-        value(
-            samples,
-            "berry_requests_total",
-            route="/v1/chat/completions",
-            model="gpt-test",
-            user="admin",
-            status="200",
-        )
-        == 0
-    )
+    assert await chat(first) == 200
+    assert await chat(second) == 200
+    served = {
+        "route": "/v1/chat/completions",
+        "model": "gpt-test",
+        "user": "admin",
+        "status": "200",
+    }
+    assert value(await scrape(first), "berry_requests_total", **served) == 2
+    assert value(await scrape(second), "berry_requests_total", **served) == 1
 
 
 # --------------------------------------------------------------------------------------
@@ -449,3 +448,82 @@ async def test_a_real_prometheus_scrapes_the_gateway(
 def test_histogram_families_are_histograms() -> None:
     assert all(spec.buckets for spec in HISTOGRAMS)
     assert all(name.startswith("berry_") for name in EXPORTED_METRICS)
+
+
+# --------------------------------------------------------------------------------------
+# Each attempt counted once, whatever ended it
+# --------------------------------------------------------------------------------------
+
+
+async def test_a_client_leaving_mid_stream_is_one_client_gone_attempt_of_a_200(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    upstream.mode = "gated"  # the first content, then nothing until the gate opens
+    server = await start_gateway(gateway_config(upstream))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            base_url(server) + "/v1/chat/completions",
+            json={**CHAT, "stream": True},
+            headers=ADMIN,
+        ) as response,
+    ):
+        assert response.status == 200
+        await response.content.readany()  # the first event: committed
+    # The client has left; the gateway notices and ends the request.
+    async with asyncio.timeout(10):
+        while True:
+            samples = await scrape(server)
+            if value(samples, "berry_in_flight_requests", route="/v1/chat/completions") == 0:
+                break
+            await asyncio.sleep(0.02)
+    outcomes = {
+        dict(labels)["outcome"]: count
+        for (name, labels), count in samples.items()
+        if name == "berry_upstream_requests_total"
+    }
+    assert outcomes == {"client_gone": 1}
+    route = "/v1/chat/completions"
+    assert (
+        value(
+            samples,
+            "berry_requests_total",
+            route=route,
+            model="gpt-test",
+            user="admin",
+            status="200",
+        )
+        == 1
+    )
+
+
+async def test_a_streamed_caller_error_is_no_time_to_first_token(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    upstream.mode, upstream.status_code = "status", 400
+    upstream.error_body = b'{"error": {"message": "bad", "type": "invalid_request_error"}}'
+    server = await start_gateway(gateway_config(upstream))
+    assert await chat(server, stream=True) == 400
+    samples = await scrape(server)
+    assert (
+        value(samples, "berry_time_to_first_token_seconds_count", model="gpt-test", provider="up1")
+        == 0
+    )
+    outcome = value(
+        samples,
+        "berry_upstream_requests_total",
+        provider="up1",
+        model="gpt-test",
+        outcome="client_error",
+    )
+    assert outcome == 1
+
+
+def test_negative_token_counts_never_make_the_counter_go_down() -> None:
+    metrics = Metrics()
+    ctx = RequestContext("req_x", 0.0)
+    ctx.route, ctx.model, ctx.user, ctx.status = "/v1/chat/completions", "m", "u", 200
+    ctx.prompt_tokens, ctx.completion_tokens = -5, 3
+    metrics.request_started(ctx.route)
+    metrics.request_ended(ctx, 0.1)
+    assert metrics.tokens == {("u", "m", "completion"): 3}
