@@ -34,6 +34,7 @@ from .errors import (
     RequestTooLarge,
 )
 from .log import get_logger
+from .metrics import Metrics
 from .response_headers import SERVER
 
 access_log = get_logger("berry_proxy.access")
@@ -69,7 +70,7 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
                     ctx.cors = cors.answer_headers(
                         request.headers.get("Origin"), public=level is Access.PUBLIC
                     )
-                authorize(request, ctx, level)
+                authorize(request, ctx, level, metrics)
                 response = await handler(request)
         except Exception as exc:
             response = shape_error(exc, request, ctx)
@@ -194,12 +195,13 @@ def access_level(request: web.Request) -> Access | None:
     return level
 
 
-def authorize(request: web.Request, ctx: RequestContext, level: Access | None) -> None:
+def authorize(
+    request: web.Request, ctx: RequestContext, level: Access | None, metrics: Metrics
+) -> None:
     """Enforce the ``Access`` level the matched handler declares (401/403 otherwise)."""
     if level is None or level is Access.PUBLIC:
         return
     headers = request.headers
-    metrics = request.app[keys.POOL].metrics
     try:
         user = request.app[keys.AUTHENTICATOR].authenticate(
             headers.get("Authorization"), headers.get("api-key")

@@ -12,17 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from .conftest import ADMIN_TOKEN, CHAT_CONTENT, FakeUpstream, ServerFactory
+from .conftest import (
+    ADMIN_TOKEN,
+    CHAT_CONTENT,
+    CHROMIUM_FLAGS,
+    FakeUpstream,
+    ServerFactory,
+    chromium,
+)
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>berry-proxy CORS check</title></head>
@@ -69,27 +74,6 @@ async function run() {
 run();
 </script></body></html>
 """
-
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-)
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_BROWSER") == "1":
-            pytest.fail("Chromium is required here (BERRY_REQUIRE_BROWSER=1) but not installed")
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    return path
 
 
 async def page_server(

@@ -447,36 +447,27 @@ async def test_an_http_1_1_client_keeps_its_connection_after_a_stream(
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13, "cost": 0.00042}
 
 
+def final_chunk(finish: str | None) -> bytes:
+    """A chunk with one empty choice and ``usage`` (LiteLLM's own cost in it)."""
+    payload = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "up-model",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": finish}],
+        "usage": USAGE,
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
 def litellm_events() -> list[bytes]:
     """LiteLLM's stream: content, the finish, then usage on a chunk with an empty choice
     (and its ``cost``). Here the finish chunk carries usage as well, as some servers do."""
     return [
         chat_chunk({"role": "assistant", "content": ""}),
         *(chat_chunk({"content": piece}) for piece in CHAT_CONTENT),
-        b"data: "
-        + orjson.dumps(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": 1700000000,
-                "model": "up-model",
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                "usage": USAGE,
-            }
-        )
-        + b"\n\n",
-        b"data: "
-        + orjson.dumps(
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion.chunk",
-                "created": 1700000000,
-                "model": "up-model",
-                "choices": [{"index": 0, "delta": {}, "finish_reason": None}],
-                "usage": USAGE,
-            }
-        )
-        + b"\n\n",
+        final_chunk("stop"),
+        final_chunk(None),
         b"data: [DONE]\n\n",
     ]
 

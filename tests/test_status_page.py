@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,26 +35,16 @@ from aiohttp.test_utils import TestServer
 
 from .conftest import (
     ADMIN_TOKEN,
+    CHROMIUM_FLAGS,
     UPSTREAM_KEY,
     FakeUpstream,
     GatewayFactory,
     ServerFactory,
     base_url,
+    chromium,
     gateway_config,
 )
 
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--hide-scrollbars",
-)
 # Page time the browser lets pass (paused while a fetch is pending): refreshes at ~0, 3, 6 s.
 VIRTUAL_TIME_MS = 8000
 BROWSER_TIMEOUT_S = 30.0  # one browser run, real time
@@ -66,20 +55,12 @@ TOKEN_LINE = re.compile(r"^berry_tokens_total\{(?P<labels>[^}]*)\}\s+(?P<value>\
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_BROWSER") == "1":
-            pytest.fail("Chromium is required here (BERRY_REQUIRE_BROWSER=1) but not installed")
-        pytest.skip("Debian's chromium is not installed")
-    return path
-
-
 async def run_chromium(browser: str, profile: Path, url: str, *args: str) -> bytes:
     """Run headless Chromium on ``url`` with ``args``; its stdout. Always ends its group."""
     process = await asyncio.create_subprocess_exec(
         browser,
         *CHROMIUM_FLAGS,
+        "--hide-scrollbars",
         f"--user-data-dir={profile}",
         f"--virtual-time-budget={VIRTUAL_TIME_MS}",
         *args,
