@@ -128,6 +128,7 @@ class Settings:
     keep_temp: bool
     asyncio_bare: bool
     rounds: int
+    baseline: Path | None = None  # a checkout whose gateway runs beside this one
     cpu: bool = True  # the CPU-per-request tables
     failover: bool = True  # bench/failover.py's scenario
 
@@ -290,11 +291,14 @@ class Supervisor:
         self.tmp = tmp
         self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, cmd: Sequence[str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, cmd: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start cmd in its own process group, output to <tmp>/<name>.log."""
         log = self.log_path(name).open("wb")
         proc = subprocess.Popen(
             cmd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -408,17 +412,23 @@ def start_bare(sup: Supervisor, upstream: str, loop: str = "uvloop") -> Target:
     return Target(name, base, proc.pid, stream_prefix="/stream")
 
 
-def start_gateway(sup: Supervisor, upstream_port: int) -> Target:
-    """Start `berry-proxy serve` on a generated config; its access log goes to a file."""
+def start_gateway(sup: Supervisor, upstream_port: int, source: Path | None = None) -> Target:
+    """Start `berry-proxy serve` on a generated config; its access log goes to a file.
+
+    With ``source`` (a checkout of another commit, ``--baseline``) the same console script
+    imports ``berry_proxy`` from there instead: the target is named ``baseline``.
+    """
+    name = "gateway" if source is None else "baseline"
     port = free_port()
-    config = sup.tmp / "berry-bench.yaml"
+    config = sup.tmp / f"berry-{name}.yaml"
     config.write_text(gateway_config(port, upstream_port))
     exe = gateway_executable()
     cmd = [exe, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    proc = sup.start("gateway", cmd)
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source.resolve())}
+    proc = sup.start(name, cmd, env)
     base = f"http://127.0.0.1:{port}"
-    wait_ready("gateway", f"{base}/v1/health", proc, sup)
-    return Target("gateway", base, proc.pid, stream_prefix="")
+    wait_ready(name, f"{base}/v1/health", proc, sup)
+    return Target(name, base, proc.pid, stream_prefix="")
 
 
 def gateway_executable() -> str:
@@ -655,15 +665,18 @@ class Ratio:
     p50: float | None
 
 
-def gateway_ratios(rows: Sequence[Row]) -> list[Ratio]:
-    """Per scenario: gateway ÷ bare for CPU per request and for p50."""
+def gateway_ratios(
+    rows: Sequence[Row], numerator: str = "gateway", denominator: str = "bare"
+) -> list[Ratio]:
+    """Per scenario: numerator ÷ denominator (gateway ÷ bare unless told) for CPU per
+    request and for p50."""
     out = []
     for scenario in SCENARIOS:
         by_target = {r.target: r for r in rows if r.scenario == scenario.key}
-        gw, bare = by_target.get("gateway"), by_target.get("bare")
-        if gw is not None and bare is not None:
-            cpu = ratio(gw.cpu_s_per_1000, bare.cpu_s_per_1000)
-            p50 = ratio(gw.p50_ms, bare.p50_ms)
+        top, bottom = by_target.get(numerator), by_target.get(denominator)
+        if top is not None and bottom is not None:
+            cpu = ratio(top.cpu_s_per_1000, bottom.cpu_s_per_1000)
+            p50 = ratio(top.p50_ms, bottom.p50_ms)
             out.append(Ratio(scenario.key, scenario.title, cpu, p50))
     return out
 
@@ -693,6 +706,10 @@ def print_summary(rows: Sequence[Row], ratios: Sequence[Ratio]) -> None:
     print()
     for r in ratios:
         print(f"gateway ÷ bare, {r.title}: CPU {fmt_ratio(r.cpu)}, p50 {fmt_ratio(r.p50)}")
+    # With --baseline: where the other checkout stands, and this one against it directly.
+    for top, bottom in (("baseline", "bare"), ("gateway", "baseline")):
+        for r in gateway_ratios(rows, top, bottom):
+            print(f"{top} ÷ {bottom}, {r.title}: CPU {fmt_ratio(r.cpu)}, p50 {fmt_ratio(r.p50)}")
     for row in rows:
         if row.error_total:
             print(f"ERRORS: {row.target} / {row.scenario}: {row.errors}: these numbers are invalid")
@@ -730,7 +747,7 @@ def write_json(
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
     """--duration, --warmup, --quick, --rounds, --targets, --json, --keep-temp, --asyncio-bare,
-    --no-failover, --failover-only."""
+    --baseline, --no-failover, --failover-only."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=5, help="seconds per measured run")
     parser.add_argument("--warmup", type=int, default=1, help="seconds of warm-up per run")
@@ -750,6 +767,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         action="store_true",
         help="add a bare pass-through on the stock asyncio loop (what uvloop buys)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run the gateway of another checkout (e.g. `git worktree add /tmp/b "
+        "COMMIT`), round-robin with this one, and print gateway ÷ baseline",
+    )
     failover = parser.add_mutually_exclusive_group()
     failover.add_argument(
         "--no-failover", action="store_true", help="skip the failover scenario (bench/failover.py)"
@@ -764,6 +788,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"--targets: unknown {sorted(unknown)}; choose from {TARGET_NAMES}")
     if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--duration and --rounds must be >= 1, --warmup >= 0")
+    if args.baseline is not None and not (args.baseline / "berry_proxy").is_dir():
+        parser.error(f"--baseline: {args.baseline} holds no berry_proxy package")
     return Settings(
         duration=2 if args.quick else args.duration,
         warmup=args.warmup,
@@ -772,6 +798,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         keep_temp=args.keep_temp,
         asyncio_bare=args.asyncio_bare,
         rounds=args.rounds,
+        baseline=args.baseline,
         cpu=not args.failover_only,
         failover=not args.no_failover,
     )
@@ -801,6 +828,8 @@ def start_targets(sup: Supervisor, nginx: str, settings: Settings) -> list[Targe
         targets.append(start_bare(sup, direct.base_url, loop="asyncio"))
     if "gateway" in settings.targets:
         targets.append(start_gateway(sup, upstream_port))
+    if settings.baseline is not None:
+        targets.append(start_gateway(sup, upstream_port, settings.baseline))
     return targets
 
 

@@ -54,23 +54,30 @@ class RequestContext:
         return self.overhead
 
     def log_fields(self, now: float) -> dict[str, Any]:
+        """The access line's fields: those always present, then each one that is set."""
         fields: dict[str, Any] = {
             "request_id": self.request_id,
             "route": self.route,
             "status": self.status,
             "duration_ms": round((now - self.started) * 1000, 3),
         }
-        optional: dict[str, Any] = {
-            "user": self.user,
-            "model": self.model,
-            "provider": self.provider,
-            "backend_model": self.backend_model,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "abort_reason": self.abort_reason,
-            "error_code": self.error_code,
-        }
-        fields.update((k, v) for k, v in optional.items() if v is not None)
+        # One test per field, not a dict of candidates filtered: this runs per request.
+        if self.user is not None:
+            fields["user"] = self.user
+        if self.model is not None:
+            fields["model"] = self.model
+        if self.provider is not None:
+            fields["provider"] = self.provider
+        if self.backend_model is not None:
+            fields["backend_model"] = self.backend_model
+        if self.prompt_tokens is not None:
+            fields["prompt_tokens"] = self.prompt_tokens
+        if self.completion_tokens is not None:
+            fields["completion_tokens"] = self.completion_tokens
+        if self.abort_reason is not None:
+            fields["abort_reason"] = self.abort_reason
+        if self.error_code is not None:
+            fields["error_code"] = self.error_code
         if self.attempts:
             fields["attempts"] = self.attempts
             fields["stream"] = self.stream

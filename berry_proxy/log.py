@@ -2,7 +2,9 @@
 
 The access log is one canonical line per request, written from the request's
 ``RequestContext``; its fields are chosen explicitly, so tokens, API keys, upstream URLs
-and prompt text never reach it.
+and prompt text never reach it. It has its own writer (``ACCESS_LOG``) that renders the
+same JSON line as structlog would, without structlog's per-call processor chain: it runs
+for every request, and the chain cost ~10 µs of the gateway's ~80 µs per request.
 
 Libraries log through the standard ``logging`` module (aiohttp, asyncio). Those records are
 rendered as the same one-line JSON objects, from their message template and the name of
@@ -35,7 +37,42 @@ class _StdlibBridge(logging.Handler):
         structlog.get_logger(record.name).log(record.levelno, "library_log", **fields)
 
 
+class AccessLog:
+    """Writes one request's access line: its fields, then ``event``, ``level`` and
+    ``timestamp``, as one JSON object on one flushed line (as structlog writes the others).
+
+    Until ``configure_logging`` names a stream it writes to whatever ``sys.stdout`` is at
+    the time (a test runner's capture included).
+    """
+
+    __slots__ = ("enabled", "stream")
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.stream: BinaryIO | None = None
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = iso_timestamp()
+        line = orjson.dumps(fields) + b"\n"
+        stream = self.stream
+        if stream is None:
+            sys.stdout.write(line.decode())
+            sys.stdout.flush()
+            return
+        stream.write(line)
+        stream.flush()
+
+
+ACCESS_LOG = AccessLog()
+
+
 def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
+    ACCESS_LOG.stream = stream or sys.stdout.buffer
+    ACCESS_LOG.enabled = level <= logging.INFO
     root = logging.getLogger()
     root.handlers[:] = [_StdlibBridge()]
     root.setLevel(logging.WARNING)
@@ -63,18 +100,20 @@ class _IsoSeconds:
     text = ""
 
 
-def _iso_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Processor: ``timestamp`` as ISO 8601 UTC with microseconds.
-
-    Same output as structlog's ``TimeStamper(fmt="iso", utc=True)``, at a fraction of its
-    cost: this runs for every request's access line.
-    """
+def iso_timestamp() -> str:
+    """Now as ISO 8601 UTC with microseconds: the same text as structlog's
+    ``TimeStamper(fmt="iso", utc=True)``, at a fraction of its cost."""
     now = time.time()
     second = int(now)
     if second != _IsoSeconds.second:
         _IsoSeconds.second = second
         _IsoSeconds.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    event["timestamp"] = f"{_IsoSeconds.text}.{int((now - second) * 1e6):06d}Z"
+    return f"{_IsoSeconds.text}.{int((now - second) * 1e6):06d}Z"
+
+
+def _iso_timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Processor: ``timestamp`` (``iso_timestamp``)."""
+    event["timestamp"] = iso_timestamp()
     return event
 
 

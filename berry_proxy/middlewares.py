@@ -33,11 +33,10 @@ from .errors import (
     NotFound,
     RequestTooLarge,
 )
-from .log import get_logger
+from .log import ACCESS_LOG, get_logger
 from .metrics import Metrics
 from .response_headers import SERVER
 
-access_log = get_logger("berry_proxy.access")
 error_log = get_logger("berry_proxy.errors")
 
 
@@ -93,7 +92,7 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         now = clock()
         metrics.request_ended(ctx, now - ctx.started)
-        access_log.info("request", **ctx.log_fields(now))
+        ACCESS_LOG.write(ctx.log_fields(now))
 
 
 async def send_and_drop(request: web.Request, response: web.StreamResponse) -> None:

@@ -31,6 +31,7 @@ from aiohttp.web_runner import BaseRunner
 from berry_proxy.app import create_app
 from berry_proxy.config import Config, build_config
 from berry_proxy.errors import UpstreamFailure
+from berry_proxy.log import ACCESS_LOG
 from berry_proxy.pool import Backend, BackendPool
 from berry_proxy.server import GatewayRunner
 
@@ -239,6 +240,24 @@ class FakeUpstream:
 
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+class AccessLines(list[dict[str, Any]]):
+    """The access lines an in-process gateway wrote, parsed (a stream for ``ACCESS_LOG``)."""
+
+    def write(self, line: bytes) -> None:
+        self.append(orjson.loads(line))
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def access_lines(monkeypatch: pytest.MonkeyPatch) -> AccessLines:
+    """Collects the access lines written while the test runs."""
+    lines = AccessLines()
+    monkeypatch.setattr(ACCESS_LOG, "stream", lines)
+    return lines
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import re
 import signal
 import subprocess
 import sys
@@ -272,3 +273,7 @@ def test_serve_answers_and_logs_without_secrets(tmp_path: Path) -> None:
     assert access["model"] == "demo"
     assert access["provider"] == "local"
     assert access["attempts"] == 1
+    # The same envelope as every structlog line: the event, its level, a UTC timestamp.
+    assert (access["event"], access["level"]) == ("request", "info")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", access["timestamp"])
+    assert access["duration_ms"] >= 0

@@ -63,6 +63,7 @@ from berry_proxy import keys
 from .conftest import (
     ADMIN_TOKEN,
     CHAT_CONTENT,
+    AccessLines,
     FakeClock,
     FakeUpstream,
     GatewayFactory,
@@ -1263,7 +1264,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_slot_freed(
 
 
 async def test_a_total_limit_passing_while_a_client_is_not_reading_blames_no_provider(
-    start_gateway: GatewayFactory, flood: Flood
+    start_gateway: GatewayFactory, flood: Flood, access_lines: AccessLines
 ) -> None:
     """The provider streams as fast as it can; the client stops reading. The provider's
     total limit passes while a write waits on the client: that client is dropped, and the
@@ -1275,14 +1276,13 @@ async def test_a_total_limit_passing_while_a_client_is_not_reading_blames_no_pro
     pool = server.app[keys.POOL]
     (backend,) = pool.backends["gpt-test"]
     body = orjson.dumps({**CHAT, "stream": True})
-    with structlog.testing.capture_logs() as logs:
-        async with raw_connection(server.port) as stalled:
-            await stalled.send(chat_request(body))
-            async with asyncio.timeout(10):
-                await flood.cut.wait()  # the upstream stream was closed
-                while not any(line.get("abort_reason") for line in logs):  # noqa: ASYNC110
-                    await asyncio.sleep(0.02)  # the access line follows the close
-    (line,) = [line for line in logs if line.get("abort_reason")]
+    async with raw_connection(server.port) as stalled:
+        await stalled.send(chat_request(body))
+        async with asyncio.timeout(10):
+            await flood.cut.wait()  # the upstream stream was closed
+            while not any(line.get("abort_reason") for line in access_lines):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # the access line follows the close
+    (line,) = [line for line in access_lines if line.get("abort_reason")]
     assert line["abort_reason"] == "client_stalled"
     assert backend.provider.breaker.consecutive_failures == 0
     assert backend.breaker.consecutive_failures == 0

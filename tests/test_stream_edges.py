@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import io
 import json
+import logging
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,7 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 
-from berry_proxy.log import configure_logging, get_logger
+from berry_proxy.log import ACCESS_LOG, configure_logging, get_logger
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -122,6 +123,28 @@ async def test_model_ids_with_a_slash_can_be_retrieved(
     ):
         assert r.status == 200
         assert (await r.json())["id"] == "meta-llama/Llama-3.1-8B"
+
+
+def test_the_access_line_is_written_as_structlog_writes_every_other_line() -> None:
+    """One JSON object per flushed line, the request's fields first and then ``event``,
+    ``level`` and ``timestamp``; a level above INFO leaves access lines out."""
+    buffer = io.BytesIO()
+    try:
+        configure_logging(stream=buffer)
+        get_logger("test").info("request", request_id="r1", status=200)
+        ACCESS_LOG.write({"request_id": "r1", "status": 200})
+        by_structlog, by_access_log = buffer.getvalue().splitlines()
+        first, second = orjson.loads(by_structlog), orjson.loads(by_access_log)
+        assert (
+            list(first) == list(second) == ["request_id", "status", "event", "level", "timestamp"]
+        )
+        assert {**first, "timestamp": None} == {**second, "timestamp": None}
+        configure_logging(level=logging.WARNING, stream=buffer)
+        ACCESS_LOG.write({"request_id": "r2", "status": 200})
+        assert b"r2" not in buffer.getvalue()
+    finally:
+        structlog.reset_defaults()
+        ACCESS_LOG.stream, ACCESS_LOG.enabled = None, True
 
 
 def test_logged_exceptions_never_carry_frame_locals() -> None:
