@@ -267,7 +267,18 @@ def gateway_config(port: int, upstream_port: int) -> str:
             "bench": model_config("bench-model", "fake"),
             "bench-stream": model_config("bench-stream", "fake-stream"),
         },
-        "users": {"bench": {"name": "Bench", "token": TOKEN}},
+        # A production config limits its users: the limiter (memory store) is on the
+        # bench's path, with limits far above what the bench can send.
+        "users": {
+            "bench": {
+                "name": "Bench",
+                "token": TOKEN,
+                "rate_limit": {
+                    "requests_per_minute": 1_000_000_000,
+                    "tokens_per_minute": 1_000_000_000_000,
+                },
+            }
+        },
     }
     return json.dumps(config, indent=2) + "\n"
 
@@ -866,6 +877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if settings.cpu:
                 rows = run_bench(settings, wrk, nginx, tmp)
                 print_summary(rows, gateway_ratios(rows))
+                from redis_latency import run_redis_latency  # noqa: PLC0415  # as failover
+
+                run_redis_latency(tmp)
             failover_doc = None
             if settings.failover:
                 # Imported here, not at the top: failover.py imports this module's helpers.

@@ -25,15 +25,17 @@ from aiohttp.typedefs import Handler
 
 from . import keys, metrics_views, routing_views, status
 from .auth import Authenticator, declared_access
-from .config import Config
+from .config import Config, RateLimitStoreConfig
 from .cors import policy_for
 from .health import HealthProber
-from .metrics import registry_for
+from .metrics import Metrics, registry_for
 from .middlewares import MIDDLEWARES
 from .mock import MockAdapter
 from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
 from .pool import BackendPool
 from .proxy import Proxy, handler
+from .ratelimit import MemoryStore, RateLimiter, Store
+from .ratelimit_redis import RedisStore
 from .request_body import defer_continue
 from .routing import Router
 from .upstream import Adapter, AzureAdapter, OpenAIAdapter
@@ -84,6 +86,9 @@ def create_app(
     router = Router(pool, rng)
     app[keys.ROUTER] = router
     app[keys.METRICS_REGISTRY] = registry_for(pool, router)
+    store = build_store(config.rate_limit_store, clock, pool.metrics)
+    limiter = RateLimiter(config.users, store, pool.metrics.rate_limit_refused)
+    app[keys.LIMITER] = limiter
 
     async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         # One session for every provider: pooled keep-alive connections. Per-provider
@@ -96,7 +101,8 @@ def create_app(
         )
         app[keys.CLIENT_SESSION] = session
         adapters = build_adapters(config, session)
-        app[keys.PROXY] = Proxy(config, pool, router, adapters, clock)
+        app[keys.PROXY] = Proxy(config, pool, router, adapters, clock, limiter)
+        await store.start()
         jitter_rng = random.Random(router.rng.getrandbits(64))  # noqa: S311  # not cryptography
         prober = HealthProber(pool, adapters, config.settings, jitter_rng)
         app[keys.PROBER] = prober
@@ -110,11 +116,21 @@ def create_app(
             probing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await probing
+        await limiter.close()
         await session.close()
 
     app.cleanup_ctx.append(upstream_session)
     add_routes(app)
     return app
+
+
+def build_store(
+    config: RateLimitStoreConfig, clock: Callable[[], float], metrics: Metrics
+) -> Store:
+    """The rate-limit store ``rate_limit_store.backend`` names."""
+    if config.backend == "redis":
+        return RedisStore(config, clock, metrics)
+    return MemoryStore(clock)
 
 
 def add_routes(app: web.Application) -> None:
@@ -149,6 +165,7 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/admin/model-weights", routing_views.model_weights),
         ("GET", "/admin/backend-health", routing_views.backend_health),
         ("GET", "/admin/system-stats", routing_views.system_stats),
+        ("GET", "/admin/rate-limits", routing_views.rate_limits),
         ("GET", "/smart-ai/weights", routing_views.smart_ai_weights),
         ("GET", "/smart-ai/models/{model:.+}/weights", routing_views.smart_ai_model_weights),
     ]

@@ -47,6 +47,8 @@ class RequestContext:
     failures: list[str] = field(default_factory=list)
     # The CORS headers every answer to this request carries (``cors``), if any.
     cors: Mapping[str, str] | None = None
+    # The x-ratelimit-* headers of a request a rate limit admitted (``ratelimit``).
+    rate_limit_headers: Mapping[str, str] | None = None
 
     def commit(self, now: float) -> float:
         """Fix the gateway's overhead at the moment the client response starts; return it."""

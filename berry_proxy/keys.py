@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .health import HealthProber
     from .pool import BackendPool
     from .proxy import Proxy
+    from .ratelimit import RateLimiter
     from .routing import Router
 
 # Annotations (not evaluated at run time) carry the types, so this module imports none of
@@ -27,6 +28,7 @@ AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 POOL: web.AppKey[BackendPool] = web.AppKey("pool")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
+LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
 PROBER: web.AppKey[HealthProber] = web.AppKey("prober")
 CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
 # The app's Prometheus registry (metrics.registry_for).

@@ -108,6 +108,16 @@ TOKENS = Family(
 RATE_LIMITED = Family(
     "berry_rate_limited", "Requests refused by a per-user rate limit", ("user", "limit")
 )
+RATE_LIMIT_STORE_ERRORS = Family(
+    "berry_rate_limit_store_errors",
+    "Calls to the shared rate-limit store (Redis) that failed or timed out",
+    (),
+)
+RATE_LIMIT_STORE_DEGRADED = Family(
+    "berry_rate_limit_store_degraded",
+    "1 while the shared rate-limit store is unreachable and limits are per instance",
+    (),
+)
 AUTH_FAILURES = Family("berry_auth_failures", "Requests refused for their token", ("reason",))
 HEALTH_PROBES = Family(
     "berry_health_probes", "Health probes of providers, by result", ("provider", "result")
@@ -139,11 +149,18 @@ EFFECTIVE_WEIGHT = Family(
 BUILD_INFO = Family("berry_build_info", "The running version (always 1)", ("version",))
 
 COUNTERS = (
-    REQUESTS, UPSTREAM_REQUESTS, FAILOVERS, TOKENS, RATE_LIMITED, AUTH_FAILURES,
-    HEALTH_PROBES, LB_SELECTIONS, CONFIG_RELOADS,
+    REQUESTS, UPSTREAM_REQUESTS, FAILOVERS, TOKENS, RATE_LIMITED, RATE_LIMIT_STORE_ERRORS,
+    AUTH_FAILURES, HEALTH_PROBES, LB_SELECTIONS, CONFIG_RELOADS,
 )  # fmt: skip
 HISTOGRAMS = (REQUEST_DURATION, TIME_TO_FIRST_TOKEN, OVERHEAD, UPSTREAM_DURATION)
-GAUGES = (IN_FLIGHT, BREAKER_STATE, BACKEND_HEALTHY, EFFECTIVE_WEIGHT, BUILD_INFO)
+GAUGES = (
+    IN_FLIGHT,
+    RATE_LIMIT_STORE_DEGRADED,
+    BREAKER_STATE,
+    BACKEND_HEALTHY,
+    EFFECTIVE_WEIGHT,
+    BUILD_INFO,
+)
 # Every family name as a scrape shows it (counters with their _total suffix); the shipped
 # dashboard and alert rules may name only these (and a histogram's _bucket/_sum/_count).
 EXPORTED_METRICS = frozenset(
@@ -201,6 +218,8 @@ class Metrics:
         "in_flight",
         "lb_selections",
         "overhead",
+        "rate_limit_store_degraded",
+        "rate_limit_store_errors",
         "rate_limited",
         "request_duration",
         "requests",
@@ -216,6 +235,8 @@ class Metrics:
         self.failovers: dict[Labels, int] = {}
         self.tokens: dict[Labels, int] = {}
         self.rate_limited: dict[Labels, int] = {}
+        self.rate_limit_store_errors = 0  # counted by the shared store
+        self.rate_limit_store_degraded = 0  # set by the shared store when it switches
         self.auth_failures: dict[Labels, int] = {}
         self.auth_successes = 0
         self.health_probes: dict[Labels, int] = {}
@@ -258,6 +279,9 @@ class Metrics:
 
     def auth_failed(self, reason: str) -> None:
         _add(self.auth_failures, (reason,), 1)
+
+    def rate_limit_refused(self, user: str, limit: str) -> None:
+        _add(self.rate_limited, (user, limit), 1)
 
     def selected(self, model: str, strategy: str, provider: str) -> None:
         """The router's order put this backend up for an attempt that is being sent."""
@@ -304,6 +328,7 @@ class GatewayCollector(Collector):
             (FAILOVERS, metrics.failovers),
             (TOKENS, metrics.tokens),
             (RATE_LIMITED, metrics.rate_limited),
+            (RATE_LIMIT_STORE_ERRORS, {(): metrics.rate_limit_store_errors}),
             (AUTH_FAILURES, metrics.auth_failures),
             (HEALTH_PROBES, metrics.health_probes),
             (LB_SELECTIONS, metrics.lb_selections),
@@ -326,6 +351,9 @@ class GatewayCollector(Collector):
         for route, count in list(pool.metrics.in_flight.items()):
             in_flight.add_metric([route], float(count))
         yield in_flight
+        degraded = _gauge(RATE_LIMIT_STORE_DEGRADED)
+        degraded.add_metric([], float(pool.metrics.rate_limit_store_degraded))
+        yield degraded
         breakers = _gauge(BREAKER_STATE)
         for pid, provider in pool.providers.items():
             breakers.add_metric([pid], float(BREAKER_VALUES[provider.breaker.state]))

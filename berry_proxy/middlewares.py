@@ -83,6 +83,8 @@ async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
             headers["Server"] = SERVER
             if ctx.cors is not None:
                 headers.update(ctx.cors)
+            if ctx.rate_limit_headers is not None:
+                headers.update(ctx.rate_limit_headers)
             if drop:
                 await send_and_drop(request, response)
         return response

@@ -253,6 +253,23 @@ def _duplicates_possible(raw: Body) -> bool:
 _ESCAPED_NAME = re.compile(rb'"[^"\\]*(?:\\u00[0-9a-fA-F]{2}[^"\\]*)+"\s*:')
 
 
+def max_tokens_of(request: OpenAIRequest) -> int | None:
+    """The completion tokens the request allows (``max_completion_tokens``, the newer
+    name, else ``max_tokens``), or None when it names no positive integer."""
+    members = request.members
+    for name in ("max_completion_tokens", "max_tokens"):
+        raw = members.get(name)
+        if raw is None:
+            continue
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def upstream_body(request: OpenAIRequest, backend_model: str, add_usage: bool) -> Body:
     """The client's request for this backend: only ``model`` (and usage opt-in) rewritten.
 

@@ -21,13 +21,22 @@ from aiohttp import web
 
 from . import keys
 from .auth import Access, access, resolve_model
-from .config import Config
+from .config import Config, ModelConfig
+from .context import RequestContext
 from .errors import UpstreamFailure
 from .exchange import Attempt, Exchange
 from .failover import Failover
-from .openai_request import Body, Endpoint, OpenAIRequest, parse_request, upstream_body
+from .openai_request import (
+    Body,
+    Endpoint,
+    OpenAIRequest,
+    max_tokens_of,
+    parse_request,
+    upstream_body,
+)
 from .outcomes import Outcomes
-from .pool import BackendPool
+from .pool import Backend, BackendPool
+from .ratelimit import RateLimiter, estimate_tokens
 from .relay import StreamRelay
 from .request_body import read_body
 from .routing import Router
@@ -48,12 +57,14 @@ class Proxy:
         router: Router,
         adapters: Mapping[str, Adapter],
         clock: Clock = time.monotonic,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.router = router
         self.adapters = adapters
         self.clock = clock
+        self.limiter = limiter
 
     @staticmethod
     async def _parse(raw: Body, endpoint: Endpoint, deployment: str | None) -> OpenAIRequest:
@@ -92,8 +103,33 @@ class Proxy:
         model = resolve_model(self.config, user, body.model)
         ctx.model = model.id
         ctx.stream = body.stream
-        plan = self.router.plan(model, user)  # 503 at once when no backend may be tried
+        limiter = self.limiter
+        limits = None if limiter is None else limiter.limits_of(user.id)
+        if limits is None:  # a user without limits pays nothing more
+            plan = self.router.plan(model, user)  # 503 at once when no backend may be tried
+            return await self._forward(request, ctx, endpoint, body, model, plan)
+        # The rate-limit step, before routing (a refused request moves no router state):
+        # only now is the estimate of a request's tokens known.
+        assert limiter is not None  # noqa: S101  # limits come from it
+        completion = 0 if not endpoint.streams else max_tokens_of(body)  # embeddings: none
+        admission = await limiter.admit(limits, estimate_tokens(len(raw), completion))
+        ctx.rate_limit_headers = admission.headers
+        try:
+            plan = self.router.plan(model, user)
+            return await self._forward(request, ctx, endpoint, body, model, plan)
+        finally:
+            limiter.finish(admission, used_tokens(ctx))
 
+    async def _forward(
+        self,
+        request: web.Request,
+        ctx: RequestContext,
+        endpoint: Endpoint,
+        body: OpenAIRequest,
+        model: ModelConfig,
+        plan: list[Backend],
+    ) -> web.StreamResponse:
+        """Try the plan's backends in turn until one answers (failing over)."""
         settings = self.config.settings
         clock = self.clock
         deadline = ctx.started + settings.request_timeout_seconds
@@ -145,6 +181,21 @@ class Proxy:
                 failed_before = failure.kind.value
         outcomes.model_outcome(model.id, ok=False, latency=0.0)
         raise failover.final_error(lambda: self.router.no_healthy_backends(model, plan))
+
+
+def used_tokens(ctx: RequestContext) -> int | None:
+    """The tokens a finished request used, to settle its reservation.
+
+    The upstream's usage when it reported one. Else None (keep the estimate) when an
+    answer was served without usage, or when the client left after an attempt was sent
+    (the upstream may be generating anyway); else 0, a refund: nothing was served (every
+    attempt failed, no backend could be tried).
+    """
+    if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
+        return max(0, ctx.prompt_tokens or 0) + max(0, ctx.completion_tokens or 0)
+    if ctx.status == 200 or (ctx.attempts and ctx.abort_reason == "client_disconnected"):
+        return None
+    return 0
 
 
 def handler(

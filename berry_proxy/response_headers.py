@@ -24,8 +24,8 @@ def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, st
     """The headers of an answer from ``backend``, committed at ``now`` (monotonic).
 
     Fixes the request's overhead and time to first byte as of the commit. Includes
-    ``X-Request-ID``, ``Server`` and the CORS headers: a response prepared by its handler
-    is past the middleware's chance to add them.
+    ``X-Request-ID``, ``Server``, the CORS and the ``x-ratelimit-*`` headers: a response
+    prepared by its handler is past the middleware's chance to add them.
     """
     ctx.provider = backend.provider.id
     ctx.backend_model = backend.config.model
@@ -41,4 +41,6 @@ def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, st
     }
     if ctx.cors is not None:
         headers.update(ctx.cors)
+    if ctx.rate_limit_headers is not None:
+        headers.update(ctx.rate_limit_headers)
     return headers

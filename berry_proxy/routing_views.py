@@ -118,6 +118,27 @@ async def system_stats(request: web.Request) -> web.Response:
     return json_response(payload)
 
 
+@access(Access.ADMIN)
+async def rate_limits(request: web.Request) -> web.Response:
+    """``/admin/rate-limits``: the store, and where each limited user's limits stand now
+    (read without spending), with the requests each limit refused."""
+    app = request.app
+    limiter = app[keys.LIMITER]
+    refused = app[keys.POOL].metrics.rate_limited
+    users: dict[str, Any] = {}
+    for user_id, limits in limiter.limits.items():
+        view = await limiter.store.current().peek(limits)
+        for name, standing in view.items():
+            standing["refused"] = refused.get((user_id, name), 0)
+        users[user_id] = view
+    metrics = app[keys.POOL].metrics
+    store = {
+        **limiter.store.status(),
+        "errors": metrics.rate_limit_store_errors,
+    }
+    return json_response({"store": store, "users": users})
+
+
 def _smart_ai_backends(router: Router, model: ModelConfig) -> list[dict[str, Any]]:
     return [
         {

@@ -97,6 +97,9 @@ async def unary(
     headers = passable_response_headers(upstream.headers)
     headers.update(served_by(ctx, backend, clock()))
     request[keys.SEND_TIMEOUT] = config.idle_timeout_seconds
+    # What the client gets, known now: the handler's unwinding (the rate limiter's
+    # settlement) must not wait for the middleware to learn it.
+    ctx.status = status
     return web.Response(body=data, status=status, headers=headers)
 
 

@@ -242,6 +242,18 @@ class FakeUpstream:
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
 
+def chat_body(stream: bool = False, **extra: Any) -> bytes:
+    """A chat completion request body for ``gpt-test`` (``extra``: more members)."""
+    body: dict[str, Any] = {
+        "model": "gpt-test",
+        "messages": [{"role": "user", "content": "hi"}],
+        **extra,
+    }
+    if stream:
+        body["stream"] = True
+    return orjson.dumps(body)
+
+
 class AccessLines(list[dict[str, Any]]):
     """The access lines an in-process gateway wrote, parsed (a stream for ``ACCESS_LOG``)."""
 

@@ -49,6 +49,7 @@ from .conftest import (
 VIRTUAL_TIME_MS = 8000
 BROWSER_TIMEOUT_S = 30.0  # one browser run, real time
 REQUESTS_TIMEOUT_S = 10.0  # driving the gateway until a breaker opens
+LIMITED_TOKEN = "status-page-limited-token-0123"
 BREAKER_THRESHOLD = 2
 
 TOKEN_LINE = re.compile(r"^berry_tokens_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)", re.M)
@@ -194,7 +195,23 @@ def two_provider_config(healthy: FakeUpstream, failing: FakeUpstream) -> dict[st
         {"provider": "up1", "model": "up-model", "weight": 3, "priority": 1},
         {"provider": "up2", "model": "up-model", "weight": 1, "priority": 0},
     ]
+    # A user with one request a day: its second is refused, and the page shows it.
+    raw["users"]["limited"] = {"token": LIMITED_TOKEN, "rate_limit": {"requests_per_day": 1}}
     return raw
+
+
+async def refused_once(server: TestServer) -> None:
+    """Two chats of the limited user: the first served, the second refused (429)."""
+    url = base_url(server) + "/v1/chat/completions"
+    chat = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {LIMITED_TOKEN}"}
+    statuses = []
+    async with aiohttp.ClientSession() as session, asyncio.timeout(REQUESTS_TIMEOUT_S):
+        for _ in range(2):
+            async with session.post(url, json=chat, headers=headers) as response:
+                await response.read()
+                statuses.append(response.status)
+    assert statuses == [200, 429]
 
 
 async def health(session: aiohttp.ClientSession, server: TestServer) -> tuple[int, Any]:
@@ -237,6 +254,16 @@ async def prompt_tokens(server: TestServer, model: str) -> int:
     return int(total)
 
 
+def assert_rate_limited_once(page: Page) -> None:
+    """The users table: the admin, and the limited user refused once (``refused_once``)."""
+    users = page.rows("data-user")
+    assert users["admin"].cells()[-1] == "0"
+    limited = users["limited"]
+    assert limited.cells()[-1] == "1"
+    (count,) = [c for c in limited.children if isinstance(c, Node) and c.tag == "td"][-1:]
+    assert "limited" in count.classes  # drawn in the warning colour
+
+
 def assert_no_secrets(page: Page, *upstreams: FakeUpstream) -> None:
     for secret in (ADMIN_TOKEN, UPSTREAM_KEY, "sk-", "Bearer"):
         assert secret not in page.html
@@ -261,6 +288,7 @@ async def test_the_status_page_shows_a_down_provider_in_red(
     upstream2.mode = "reset"  # drops every connection: a network failure, the provider's breaker
     server = await start_gateway(two_provider_config(upstream, upstream2))
     await chat_until_open(server, "up2")
+    await refused_once(server)
     weights = await get_json(server, "/smart-ai/models/gpt-test/weights")
     expected_tokens = await prompt_tokens(server, "gpt-test")
     assert expected_tokens > 0
@@ -308,8 +336,7 @@ async def test_the_status_page_shows_a_down_provider_in_red(
     assert "down" in backends["up2"].classes
     assert backends["up2"].attrs["data-state"] == "open"
     assert set(page.backends("other-model")) == {"up1"}
-    assert "admin" in page.rows("data-user")
-
+    assert_rate_limited_once(page)
     assert_no_secrets(page, upstream, upstream2)
 
     screenshot = tmp_path / "status.png"
