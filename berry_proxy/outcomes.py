@@ -38,7 +38,7 @@ class Outcomes:
 
     def served(self, exchange: Exchange, latency: float) -> None:
         """The attempt's answer reached the client whole (a stream: up to ``[DONE]``)."""
-        self.pool.record_success(exchange.backend, latency, exchange.admission)
+        self.pool.record_success(exchange.backend, latency, exchange.admission, self.ctx.stream)
         self._count(exchange, "success")
 
     def passed_through(self, exchange: Exchange) -> None:

@@ -49,6 +49,11 @@ BACKEND_FAILURES = frozenset({FailureKind.SERVER, FailureKind.PROTOCOL})
 HOLD_EWMA_ALPHA = 0.2
 
 
+def moved(ewma: float | None, sample: float) -> float:
+    """An exponentially weighted moving average after one more sample."""
+    return sample if ewma is None else ewma + LATENCY_EWMA_ALPHA * (sample - ewma)
+
+
 @dataclass(slots=True)
 class Stats:
     """Counters kept for a provider, a backend and a model alike."""
@@ -59,20 +64,32 @@ class Stats:
     consecutive_failures: int = 0
     latency_sum: float = 0.0
     latency_ewma: float | None = None
+    # The same average kept apart per kind of request, for ``least_latency``: time to
+    # first content for streams, total time for the rest (a long generation must not make
+    # a backend look slow for short answers).
+    stream_latency_ewma: float | None = None
+    unary_latency_ewma: float | None = None
     last_success: float | None = None  # wall-clock seconds
     last_failure: float | None = None
     last_error: str | None = None
 
-    def record_success(self, latency: float, now: float) -> None:
+    def record_success(self, latency: float, now: float, stream: bool | None = None) -> None:
+        """A success after ``latency`` seconds; ``stream`` (when known) says which of the
+        per-kind averages it also moves."""
         self.total_requests += 1
         self.successful_requests += 1
         self.consecutive_failures = 0
         self.latency_sum += latency
-        ewma = self.latency_ewma
-        self.latency_ewma = (
-            latency if ewma is None else ewma + LATENCY_EWMA_ALPHA * (latency - ewma)
-        )
+        self.latency_ewma = moved(self.latency_ewma, latency)
+        if stream is True:
+            self.stream_latency_ewma = moved(self.stream_latency_ewma, latency)
+        elif stream is False:
+            self.unary_latency_ewma = moved(self.unary_latency_ewma, latency)
         self.last_success = now
+
+    def kind_latency(self, stream: bool) -> float | None:
+        """The average ``least_latency`` compares for this kind of request."""
+        return self.stream_latency_ewma if stream else self.unary_latency_ewma
 
     def record_failure(self, message: str, now: float) -> None:
         self.total_requests += 1
@@ -311,10 +328,14 @@ class BackendPool:
         if admission.backend.trial:
             self._breaker_success(backend, backend.breaker, admission.backend)
 
-    def record_success(self, backend: Backend, latency: float, admission: Admission) -> None:
+    def record_success(
+        self, backend: Backend, latency: float, admission: Admission, stream: bool | None = None
+    ) -> None:
+        """A successful attempt: ``latency`` is its time to first content for a stream
+        (``stream=True``), its total time otherwise."""
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
-        backend.stats.record_success(latency, wall)
+        backend.stats.record_success(latency, wall, stream)
         provider.stats.record_success(latency, wall)
         backend.confidence.record(None, now)
         if provider.probe_ok is False:

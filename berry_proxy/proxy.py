@@ -106,7 +106,8 @@ class Proxy:
         limiter = self.limiter
         limits = None if limiter is None else limiter.limits_of(user.id)
         if limits is None:  # a user without limits pays nothing more
-            plan = self.router.plan(model, user)  # 503 at once when no backend may be tried
+            # 503 at once when no backend may be tried.
+            plan = self.router.plan(model, user, body.stream)
             return await self._forward(request, ctx, endpoint, body, model, plan)
         # The rate-limit step, before routing (a refused request moves no router state):
         # only now is the estimate of a request's tokens known.
@@ -115,7 +116,7 @@ class Proxy:
         admission = await limiter.admit(limits, estimate_tokens(len(raw), completion))
         ctx.rate_limit_headers = admission.headers
         try:
-            plan = self.router.plan(model, user)
+            plan = self.router.plan(model, user, body.stream)
             return await self._forward(request, ctx, endpoint, body, model, plan)
         finally:
             limiter.finish(admission, used_tokens(ctx))

@@ -50,8 +50,9 @@ class Router:
         settings = pool.config.settings.smart_ai
         return [weigh(b, settings, best, now) for b in backends]
 
-    def plan(self, model: ModelConfig, user: UserConfig) -> list[Backend]:
-        """The attempt order for one request: eligible backends, most preferred first."""
+    def plan(self, model: ModelConfig, user: UserConfig, stream: bool = False) -> list[Backend]:
+        """The attempt order for one request (a stream or not): eligible backends, most
+        preferred first."""
         candidates = self.pool.candidates(model, user)
         eligible = [b for b in candidates if b.available()]
         if not eligible:
@@ -59,7 +60,7 @@ class Router:
         if len(eligible) == 1:
             return eligible
         weights = [w.effective_weight for w in self.breakdowns(model, eligible)]
-        ordered = self.strategies[model.id].order(eligible, weights, self.rng)
+        ordered = self.strategies[model.id].order(eligible, weights, self.rng, stream)
         now = self.pool.clock()
         trials = (
             []

@@ -18,9 +18,14 @@ from .pool import Backend
 
 class Strategy(Protocol):
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
-        """All of ``backends``, most preferred first."""
+        """All of ``backends``, most preferred first, for a request that streams
+        (``stream``) or not: only ``least_latency`` tells the two apart."""
         ...
 
 
@@ -70,7 +75,11 @@ class WeightedRandom:
     """
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
         return weighted_draw(backends, weights, rng)
 
@@ -79,7 +88,11 @@ class UniformRandom:
     """``random``: every eligible backend equally likely."""
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
         ordered = list(backends)
         rng.shuffle(ordered)
@@ -99,7 +112,11 @@ class SmoothRoundRobin:
         self.scores: dict[int, float] = {}
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
         scores = self.scores
         for backend, weight in zip(backends, weights, strict=True):
@@ -112,35 +129,68 @@ class SmoothRoundRobin:
 
 
 class LeastLatency:
-    """``least_latency``: lowest EWMA latency, by power of two choices.
+    """``least_latency``: the fastest backends lead, sharing the load among themselves.
 
-    Backends never tried go first (so they get measured). Otherwise two distinct backends
-    are drawn at random and the faster leads: the slowest never leads, and near-equal
-    fast backends share the load instead of all traffic herding onto whichever measured
-    fastest last. The rest follow, fastest first. A backend failing right now counts as
-    slower by its failure streak (latency x (1 + consecutive failures)), and one that has
-    only ever failed comes last: an average of its successes would say nothing.
+    The score is the backend's own moving average for this kind of request (time to first
+    content for streams, total time for the rest: ``Stats.kind_latency``), scaled up by a
+    failure streak (latency x (1 + consecutive failures)). Backends never measured for
+    this kind go first, so they get measured. Of the rest, the *best* are those within
+    ``BEST_FACTOR`` of the fastest score (or ``BEST_MARGIN_SECONDS`` of it, for backends
+    of a few milliseconds): the lead is drawn at random among them, so near-equal backends
+    share the load instead of herding onto whichever measured fastest last. (SPEC §3 asks
+    for power of two choices among the best; over two near-equal backends P2C always
+    picks the lower average, which is herding, so the draw is uniform.) The others follow
+    in latency order, fastest first; a backend failing with no measure of this kind comes
+    last.
+
+    A backend outside the best is still measured now and then: with probability
+    ``EXPLORATION`` the lead is drawn among the others instead, so a backend that was
+    slow and has recovered wins its place back within a bounded number of requests.
     """
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
-        untried = [b for b in backends if b.stats.total_requests == 0]
+        unmeasured = [b for b in backends if b.stats.kind_latency(stream) is None]
+        # Never measured for this kind of request and not failing now: first, to be
+        # measured. Failing with no measure of this kind: last.
+        untried = [b for b in unmeasured if not b.stats.consecutive_failures]
+        failing = [b for b in unmeasured if b.stats.consecutive_failures]
         rng.shuffle(untried)
-        measured = sorted((b for b in backends if b.stats.total_requests), key=_score)
+        measured = sorted(
+            (b for b in backends if b.stats.kind_latency(stream) is not None),
+            key=lambda b: _score(b, stream),
+        )
         if len(measured) >= 2:
-            first, second = rng.sample(measured, 2)
-            lead = first if _score(first) <= _score(second) else second
+            fastest = _score(measured[0], stream)
+            bound = max(fastest * BEST_FACTOR, fastest + BEST_MARGIN_SECONDS)
+            best = [b for b in measured if _score(b, stream) <= bound]
+            others = measured[len(best) :]
+            pool = others if others and rng.random() < EXPLORATION else best
+            lead = pool[rng.randrange(len(pool))]
             measured.remove(lead)
             measured.insert(0, lead)
-        return untried + measured
+        return untried + measured + failing
 
 
-def _score(backend: Backend) -> float:
+# Backends within this factor of the fastest score are "the best" and share the lead.
+BEST_FACTOR = 1.5
+# ... or within this many seconds of it: 2 ms and 4 ms backends are both fast.
+BEST_MARGIN_SECONDS = 0.005
+# How often a backend outside the best leads anyway, to be measured again.
+EXPLORATION = 0.02
+
+
+def _score(backend: Backend, stream: bool) -> float:
     stats = backend.stats
-    if stats.latency_ewma is None:
+    latency = stats.kind_latency(stream)
+    if latency is None:
         return math.inf
-    return stats.latency_ewma * (1 + stats.consecutive_failures)
+    return latency * (1 + stats.consecutive_failures)
 
 
 class Failover:
@@ -152,7 +202,11 @@ class Failover:
     """
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
         by_tier: dict[tuple[bool, int], list[tuple[Backend, float]]] = {}
         for backend, weight in zip(backends, weights, strict=True):
@@ -173,7 +227,11 @@ class WeightedFailover:
     """
 
     def order(
-        self, backends: Sequence[Backend], weights: Sequence[float], rng: random.Random
+        self,
+        backends: Sequence[Backend],
+        weights: Sequence[float],
+        rng: random.Random,
+        stream: bool = False,
     ) -> list[Backend]:
         return healthy_first(backends, weights, rng)
 

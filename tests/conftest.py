@@ -108,12 +108,13 @@ class FakeClock:
         return self.now
 
 
-def served(pool: BackendPool, backend: Backend, latency: float = 0.1) -> None:
-    """One attempt on ``backend`` that succeeds, recorded as the proxy records it."""
+def served(pool: BackendPool, backend: Backend, latency: float = 0.1, stream: bool = False) -> None:
+    """One attempt on ``backend`` that succeeds (a stream, or not), recorded as the proxy
+    records it."""
     admission = pool.begin(backend)
     assert admission is not None, "a breaker refused the attempt"
     try:
-        pool.record_success(backend, latency, admission)
+        pool.record_success(backend, latency, admission, stream)
     finally:
         pool.end(backend, admission)
 
