@@ -58,7 +58,9 @@ class Outcomes:
         backend = exchange.backend
         self.ctx.failures.append(f"{backend.provider.id}: {failure.kind.value}")
         if failure.kind is not FailureKind.SATURATED:  # else nothing was sent
-            self.pool.record_failure(backend, failure, exchange.admission, self.evidence)
+            self.pool.record_failure(
+                backend, failure, exchange.admission, self.evidence, self.ctx.stream
+            )
             self._count(exchange, failure.kind.value)
 
     def model_outcome(self, model_id: str, ok: bool, latency: float) -> None:

@@ -69,6 +69,10 @@ class Stats:
     # a backend look slow for short answers).
     stream_latency_ewma: float | None = None
     unary_latency_ewma: float | None = None
+    # Failure streaks per kind: a backend whose streams fail while its plain requests
+    # succeed must not look untried for streams after every plain success.
+    stream_failures: int = 0
+    unary_failures: int = 0
     last_success: float | None = None  # wall-clock seconds
     last_failure: float | None = None
     last_error: str | None = None
@@ -83,18 +87,28 @@ class Stats:
         self.latency_ewma = moved(self.latency_ewma, latency)
         if stream is True:
             self.stream_latency_ewma = moved(self.stream_latency_ewma, latency)
+            self.stream_failures = 0
         elif stream is False:
             self.unary_latency_ewma = moved(self.unary_latency_ewma, latency)
+            self.unary_failures = 0
         self.last_success = now
 
     def kind_latency(self, stream: bool) -> float | None:
         """The average ``least_latency`` compares for this kind of request."""
         return self.stream_latency_ewma if stream else self.unary_latency_ewma
 
-    def record_failure(self, message: str, now: float) -> None:
+    def kind_failures(self, stream: bool) -> int:
+        """The current failure streak of this kind of request."""
+        return self.stream_failures if stream else self.unary_failures
+
+    def record_failure(self, message: str, now: float, stream: bool | None = None) -> None:
         self.total_requests += 1
         self.failed_requests += 1
         self.consecutive_failures += 1
+        if stream is True:
+            self.stream_failures += 1
+        elif stream is False:
+            self.unary_failures += 1
         self.last_failure = now
         self.last_error = message
 
@@ -355,13 +369,15 @@ class BackendPool:
         failure: UpstreamFailure,
         admission: Admission,
         evidence: Evidence | None = None,
+        stream: bool | None = None,
     ) -> None:
-        """One failed attempt. With ``evidence`` (the request's), a breaker or a backend's
-        confidence this request already charged is not charged again."""
+        """One failed attempt (of a stream, or not: ``stream``). With ``evidence`` (the
+        request's), a breaker or a backend's confidence this request already charged is not
+        charged again."""
         now, wall = self.clock(), self.wall_clock()
         provider = backend.provider
         kind = failure.kind
-        backend.stats.record_failure(failure.message, wall)
+        backend.stats.record_failure(failure.message, wall, stream)
         provider.stats.record_failure(failure.message, wall)
         if evidence is None or evidence.first(backend.confidence):
             backend.confidence.record(kind, now)

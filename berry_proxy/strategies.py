@@ -132,20 +132,24 @@ class LeastLatency:
     """``least_latency``: the fastest backends lead, sharing the load among themselves.
 
     The score is the backend's own moving average for this kind of request (time to first
-    content for streams, total time for the rest: ``Stats.kind_latency``), scaled up by a
-    failure streak (latency x (1 + consecutive failures)). Backends never measured for
-    this kind go first, so they get measured. Of the rest, the *best* are those within
-    ``BEST_FACTOR`` of the fastest score (or ``BEST_MARGIN_SECONDS`` of it, for backends
-    of a few milliseconds): the lead is drawn at random among them, so near-equal backends
-    share the load instead of herding onto whichever measured fastest last. (SPEC §3 asks
-    for power of two choices among the best; over two near-equal backends P2C always
-    picks the lower average, which is herding, so the draw is uniform.) The others follow
+    content for streams, total time for the rest: ``Stats.kind_latency``), scaled up by
+    its failure streak of that kind (latency x (1 + consecutive failures)). Backends never
+    measured for this kind and not failing it go first, so they get measured. Of the
+    rest, the *best* are those within ``BEST_FACTOR`` of the fastest score (or
+    ``BEST_MARGIN_SECONDS`` of it, for backends of a few milliseconds): the lead is drawn
+    at random among them, so near-equal backends share the load instead of herding onto
+    whichever measured fastest last. (SPEC §3 asks for power of two choices among the
+    best; over two near-equal backends P2C always picks the lower average, which is
+    herding, so the draw is uniform.) The others follow
     in latency order, fastest first; a backend failing with no measure of this kind comes
     last.
 
     A backend outside the best is still measured now and then: with probability
-    ``EXPLORATION`` the lead is drawn among the others instead, so a backend that was
-    slow and has recovered wins its place back within a bounded number of requests.
+    ``EXPLORATION`` the lead is drawn among the others (a failing one included) instead,
+    so a backend that was slow and has recovered is measured again and wins its place
+    back: each exploration moves its average by ``LATENCY_EWMA_ALPHA`` toward the new
+    latency, so after k of them a backend once ``slow`` seconds is at about
+    ``fast + 0.7**k * (slow - fast)`` and leads again once that is within the best.
     """
 
     def order(
@@ -156,25 +160,28 @@ class LeastLatency:
         stream: bool = False,
     ) -> list[Backend]:
         unmeasured = [b for b in backends if b.stats.kind_latency(stream) is None]
-        # Never measured for this kind of request and not failing now: first, to be
-        # measured. Failing with no measure of this kind: last.
-        untried = [b for b in unmeasured if not b.stats.consecutive_failures]
-        failing = [b for b in unmeasured if b.stats.consecutive_failures]
+        # Never measured for this kind of request and not failing it now: first, to be
+        # measured. Failing this kind with no measure of it: last.
+        untried = [b for b in unmeasured if not b.stats.kind_failures(stream)]
+        failing = [b for b in unmeasured if b.stats.kind_failures(stream)]
         rng.shuffle(untried)
         measured = sorted(
             (b for b in backends if b.stats.kind_latency(stream) is not None),
             key=lambda b: _score(b, stream),
         )
-        if len(measured) >= 2:
-            fastest = _score(measured[0], stream)
-            bound = max(fastest * BEST_FACTOR, fastest + BEST_MARGIN_SECONDS)
-            best = [b for b in measured if _score(b, stream) <= bound]
-            others = measured[len(best) :]
-            pool = others if others and rng.random() < EXPLORATION else best
-            lead = pool[rng.randrange(len(pool))]
-            measured.remove(lead)
-            measured.insert(0, lead)
-        return untried + measured + failing
+        rest = measured + failing
+        if not measured:
+            return untried + rest
+        fastest = _score(measured[0], stream)
+        bound = max(fastest * BEST_FACTOR, fastest + BEST_MARGIN_SECONDS)
+        best = [b for b in measured if _score(b, stream) <= bound]  # a prefix: sorted
+        # Exploration also reaches a backend that failed this kind and was never
+        # measured for it: otherwise nothing would ever try it again.
+        others = measured[len(best) :] + failing
+        pool = others if others and rng.random() < EXPLORATION else best
+        lead = pool[rng.randrange(len(pool))]
+        rest.remove(lead)
+        return [*untried, lead, *rest]
 
 
 # Backends within this factor of the fastest score are "the best" and share the lead.
@@ -190,7 +197,7 @@ def _score(backend: Backend, stream: bool) -> float:
     latency = stats.kind_latency(stream)
     if latency is None:
         return math.inf
-    return latency * (1 + stats.consecutive_failures)
+    return latency * (1 + stats.kind_failures(stream))
 
 
 class Failover:

@@ -119,12 +119,15 @@ def served(pool: BackendPool, backend: Backend, latency: float = 0.1, stream: bo
         pool.end(backend, admission)
 
 
-def failed(pool: BackendPool, backend: Backend, failure: UpstreamFailure) -> None:
-    """One attempt on ``backend`` that fails, recorded as the proxy records it."""
+def failed(
+    pool: BackendPool, backend: Backend, failure: UpstreamFailure, stream: bool = False
+) -> None:
+    """One attempt on ``backend`` that fails (a stream, or not), recorded as the proxy
+    records it."""
     admission = pool.begin(backend)
     assert admission is not None, "a breaker refused the attempt"
     try:
-        pool.record_failure(backend, failure, admission)
+        pool.record_failure(backend, failure, admission, stream=stream)
     finally:
         pool.end(backend, admission)
 

@@ -22,6 +22,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from berry_proxy import keys, strategies
 from berry_proxy.breaker import BreakerState
 from berry_proxy.config import STRATEGIES, Config, build_config
 from berry_proxy.errors import FailureKind, ServiceUnavailable, UpstreamFailure
@@ -610,7 +611,10 @@ def test_failover_keeps_a_half_open_backup_in_its_tier(clock: FakeClock) -> None
         assert order[2] == "backup"
 
 
-def test_least_latency_puts_a_backend_that_only_fails_last(pool: BackendPool) -> None:
+def test_least_latency_puts_a_backend_that_only_fails_last(
+    pool: BackendPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(strategies, "EXPLORATION", 0.0)  # exploration may pick it: below
     light, medium, heavy = pool.backends["weighted"]
     served(pool, light, 0.5)
     served(pool, medium, 0.9)
@@ -618,6 +622,35 @@ def test_least_latency_puts_a_backend_that_only_fails_last(pool: BackendPool) ->
     rng = random.Random(2)
     for _ in range(50):
         assert LeastLatency().order([light, medium, heavy], [1.0] * 3, rng)[-1] is heavy
+
+
+def test_least_latency_explores_a_backend_that_only_failed_now_and_then(
+    pool: BackendPool,
+) -> None:
+    """Else nothing would ever try it again (its breaker may never open: 429s)."""
+    light, medium, heavy = pool.backends["weighted"]
+    served(pool, light, 0.5)
+    served(pool, medium, 0.9)
+    failed(pool, heavy, UpstreamFailure(FailureKind.RATE_LIMIT, "429"))
+    firsts = first_picks(LeastLatency(), [light, medium, heavy], 11)
+    # Exploration (2 %) draws among medium (outside the best) and heavy alike.
+    assert within(firsts["heavy"], DRAWS, EXPLORATION / 2), firsts
+
+
+def test_least_latency_keeps_failure_streaks_per_kind(pool: BackendPool) -> None:
+    """A backend whose streams fail while its plain requests succeed: after each plain
+    success it is not untried again for streams; it stays last for them."""
+    light, medium, _ = pool.backends["weighted"]
+    served(pool, light, 0.2, stream=True)
+    for _ in range(3):
+        failed(pool, medium, UpstreamFailure(FailureKind.SERVER, "500"), stream=True)
+        served(pool, medium, 0.1, stream=False)
+    rng = random.Random(12)
+    leads = Counter(
+        LeastLatency().order([light, medium], [1.0, 1.0], rng, stream=True)[0].provider.id
+        for _ in range(1000)
+    )
+    assert leads["light"] >= 950, leads
 
 
 def test_least_latency_counts_a_failure_streak_against_a_fast_backend(
@@ -647,8 +680,8 @@ class SlowUpstream(FakeUpstream):
         return await super().respond(request)
 
 
-async def test_least_latency_end_to_end_sends_nearly_everything_to_the_fast_backend(
-    start_gateway: GatewayFactory, aiohttp_server: ServerFactory
+async def test_least_latency_end_to_end_sends_everything_to_the_fast_backend(
+    start_gateway: GatewayFactory, aiohttp_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fakes = [SlowUpstream(delay=delay) for delay in (0.0, 0.25, 0.25)]
     for fake in fakes:
@@ -656,6 +689,8 @@ async def test_least_latency_end_to_end_sends_nearly_everything_to_the_fast_back
     raw = gateway_config(*fakes)
     raw["models"]["gpt-test"]["strategy"] = "least_latency"
     server = await start_gateway(raw, rng=random.Random(14))
+    # Without exploration the count is exact whatever the draws: 30 of 30 after warm-up.
+    monkeypatch.setattr(strategies, "EXPLORATION", 0.0)
     client = openai.AsyncOpenAI(
         base_url=f"http://127.0.0.1:{server.port}/v1", api_key=ADMIN_TOKEN, max_retries=0
     )
@@ -666,4 +701,40 @@ async def test_least_latency_end_to_end_sends_nearly_everything_to_the_fast_back
                 model="gpt-test", messages=[{"role": "user", "content": "hi"}]
             )
             providers[raw_answer.headers["x-berry-provider"]] += 1
-    assert providers["up1"] >= 1 + 0.95 * 30, providers
+    assert providers["up1"] == 31, providers
+
+
+async def test_least_latency_end_to_end_routes_and_measures_each_kind_apart(
+    start_gateway: GatewayFactory,
+    upstream: FakeUpstream,
+    upstream2: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """up1 is fast to start streams and slow to answer plain requests, up2 the other way
+    round: a stream goes to up1, a plain request to up2, and each moves only the average
+    of its own kind."""
+    monkeypatch.setattr(strategies, "EXPLORATION", 0.0)
+    raw = gateway_config(upstream, upstream2)
+    raw["models"]["gpt-test"]["strategy"] = "least_latency"
+    server = await start_gateway(raw)
+    up1, up2 = server.app[keys.POOL].backends["gpt-test"]
+    up1.stats.stream_latency_ewma, up1.stats.unary_latency_ewma = 0.010, 1.0
+    up2.stats.stream_latency_ewma, up2.stats.unary_latency_ewma = 1.0, 0.010
+    client = openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{server.port}/v1", api_key=ADMIN_TOKEN, max_retries=0
+    )
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with client:
+        async with client.chat.completions.with_streaming_response.create(
+            model="gpt-test", messages=messages, stream=True
+        ) as streamed:
+            assert streamed.headers["x-berry-provider"] == "up1"
+            await streamed.read()
+        plain = await client.chat.completions.with_raw_response.create(
+            model="gpt-test", messages=messages
+        )
+        assert plain.headers["x-berry-provider"] == "up2"
+    assert up1.stats.stream_latency_ewma != 0.010  # measured: a stream
+    assert up1.stats.unary_latency_ewma == 1.0
+    assert up2.stats.unary_latency_ewma != 0.010  # measured: a plain request
+    assert up2.stats.stream_latency_ewma == 1.0
