@@ -8,7 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, config_path_from_env, hash_token, load_config
+from .config import (
+    Config,
+    ConfigError,
+    bind_address_from_env,
+    config_path_from_env,
+    hash_token,
+    load_config,
+)
 from .log import configure_logging, get_logger
 
 COMMANDS = ("serve", "check-config", "hash-token")
@@ -21,11 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"berry-proxy {__version__}")
     sub = parser.add_subparsers(dest="command")
     serve = sub.add_parser("serve", help="serve the gateway (default command)")
-    serve.add_argument("--config", help="config file (default: $BERRY_CONFIG or config/berry.yaml)")
+    serve.add_argument(
+        "--config", help="config file (default: $BERRY_CONFIG, $CONFIG_PATH or config/berry.yaml)"
+    )
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
     check = sub.add_parser("check-config", help="validate a config file, listing every error")
-    check.add_argument("--config", help="config file (default: $BERRY_CONFIG or config/berry.yaml)")
+    check.add_argument(
+        "--config", help="config file (default: $BERRY_CONFIG, $CONFIG_PATH or config/berry.yaml)"
+    )
     hashing = sub.add_parser("hash-token", help="print the sha256 to put in token_sha256")
     hashing.add_argument("token")
     return parser
@@ -50,6 +61,8 @@ def check_config(path: str) -> int:
         f"{path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
         f"{len(config.users)} users)"
     )
+    for key, why in config.ignored:
+        print(f"  note: {key} is accepted and has no effect: {why}")
     return 0
 
 
@@ -69,10 +82,19 @@ def serve(path: str, host: str | None, port: int | None) -> int:
     config = _load(path)
     if config is None:
         return 1
+    try:
+        bind_host, bind_port = bind_address_from_env()
+    except ConfigError as exc:
+        print(exc.errors[0], file=sys.stderr)
+        return 1
     configure_logging()
-    host = host or config.server.host
-    port = config.server.port if port is None else port
-    get_logger("berry_proxy").info(
+    # --host/--port, else the original's $BIND_ADDRESS, else the file.
+    host = host or bind_host or config.server.host
+    port = port if port is not None else bind_port if bind_port is not None else config.server.port
+    log = get_logger("berry_proxy")
+    for key, why in config.ignored:
+        log.warning("config_key_ignored", key=key, reason=why)
+    log.info(
         "starting",
         version=__version__,
         host=host,

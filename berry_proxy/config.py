@@ -218,7 +218,33 @@ def build_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
         settings=top.get("settings") or Settings(),
         rate_limit_store=top.get("rate_limit_store") or RateLimitStoreConfig(),
         models_by_name=MappingProxyType(models_by_name),
+        ignored=ignored_keys(raw),
     )
+
+
+# The original Berry's keys that load unchanged but have no effect here, and why.
+IGNORED_KEYS: dict[tuple[str, ...], str] = {
+    ("settings", "smart_ai", "lightweight_check_interval_seconds"): (
+        "providers are probed on one schedule each (health_check_interval_seconds, and "
+        "recovery_check_interval_seconds while a breaker is open); there is no lighter check"
+    ),
+    ("settings", "batch_metrics"): (
+        "metrics are counted per request in memory and read at /metrics and /prometheus; "
+        "nothing is batched or flushed"
+    ),
+}
+
+
+def ignored_keys(raw: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(dotted key, why) for each ``IGNORED_KEYS`` entry present in the raw document."""
+    found = []
+    for path, why in IGNORED_KEYS.items():
+        node: Any = raw
+        for part in path:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            found.append((".".join(path), why))
+    return tuple(found)
 
 
 def _build_users(
@@ -292,8 +318,24 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     return build_config(parse_file(Path(path)), env)
 
 
-def config_path_from_env(cli_value: str | None) -> str:
-    return cli_value or os.environ.get("BERRY_CONFIG") or "config/berry.yaml"
+def config_path_from_env(cli_value: str | None, env: Mapping[str, str] | None = None) -> str:
+    """``--config``, else ``$BERRY_CONFIG``, else the original's ``$CONFIG_PATH``, else
+    ``config/berry.yaml``."""
+    env = os.environ if env is None else env
+    return cli_value or env.get("BERRY_CONFIG") or env.get("CONFIG_PATH") or "config/berry.yaml"
+
+
+def bind_address_from_env(env: Mapping[str, str] | None = None) -> tuple[str | None, int | None]:
+    """The original's ``$BIND_ADDRESS`` (``host:port``, ``[v6]:port`` or ``:port``) as
+    (host, port), each None when not given; ConfigError when it is not an address."""
+    value = (os.environ if env is None else env).get("BIND_ADDRESS", "").strip()
+    if not value:
+        return None, None
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError([f"BIND_ADDRESS: '{value}' is not host:port (e.g. 0.0.0.0:3000)"])
+    host = host.strip("[]")
+    return host or None, int(port_text)
 
 
 __all__ = [
@@ -313,6 +355,7 @@ __all__ = [
     "Settings",
     "SmartAISettings",
     "UserConfig",
+    "bind_address_from_env",
     "build_config",
     "config_path_from_env",
     "expand_env",

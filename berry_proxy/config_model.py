@@ -203,6 +203,9 @@ class Config:
     rate_limit_store: RateLimitStoreConfig
     # Public model name -> model, for request routing.
     models_by_name: Mapping[str, ModelConfig]
+    # (key, why it has no effect here) for each of the original's keys the file sets that
+    # this gateway accepts and ignores: logged once at start-up, shown by check-config.
+    ignored: tuple[tuple[str, str], ...] = ()
 
     def find_model(self, name_or_id: str) -> ModelConfig | None:
         """The model a client means by ``name_or_id``: its public name, else its key."""

@@ -253,9 +253,12 @@ class SmartAISchema(_Strict):
     enable_time_decay = StrictBoolean()
     non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0, min_inclusive=False))
     confidence_adjustments = fields.Nested(ConfidenceAdjustmentsSchema)
+    # The original's key, accepted and ignored (config.IGNORED_KEYS says why).
+    lightweight_check_interval_seconds = _interval()
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> SmartAISettings:
+        data.pop("lightweight_check_interval_seconds", None)
         return SmartAISettings(**data)
 
 
@@ -269,9 +272,12 @@ class SettingsSchema(_Strict):
     recovery_check_interval_seconds = _interval()
     health_check_timeout_seconds = _positive()
     smart_ai = fields.Nested(SmartAISchema)
+    # The original's section, accepted whatever it holds and ignored (config.IGNORED_KEYS).
+    batch_metrics = fields.Dict()
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> Settings:
+        data.pop("batch_metrics", None)
         return Settings(**data)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import re
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 
 from berry_proxy import __version__
 from berry_proxy.cli import main
-from berry_proxy.config import ConfigError, hash_token, load_config
+from berry_proxy.config import ConfigError, bind_address_from_env, hash_token, load_config
 
 from .conftest import free_port, serve_command
 
@@ -90,6 +91,57 @@ def test_check_config_uses_berry_config_env(
     assert main(["check-config"]) == 0
     out, _ = capsys.readouterr()
     assert f"{path}: OK" in out
+
+
+def test_check_config_uses_the_originals_config_path_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "original.yaml", GOOD_YAML)
+    monkeypatch.delenv("BERRY_CONFIG", raising=False)
+    monkeypatch.setenv("CONFIG_PATH", str(path))
+    assert main(["check-config"]) == 0
+    assert f"{path}: OK" in capsys.readouterr().out
+    monkeypatch.setenv("BERRY_CONFIG", str(tmp_path / "missing.yaml"))  # ours wins
+    assert main(["check-config"]) == 1
+
+
+def test_check_config_notes_the_originals_keys_without_effect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = GOOD_YAML + "\nsettings:\n  batch_metrics: {enabled: true}\n"
+    path = write(tmp_path, "notes.yaml", text)
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: settings.batch_metrics is accepted and has no effect" in out
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.0.0.0:8080", ("0.0.0.0", 8080)),  # noqa: S104 - parsed, never bound
+        ("127.0.0.1:3000", ("127.0.0.1", 3000)),
+        ("[::1]:3001", ("::1", 3001)),
+        (":3002", (None, 3002)),
+        ("", (None, None)),
+    ],
+)
+def test_bind_address_is_read_as_the_original_did(
+    value: str, expected: tuple[str | None, int | None]
+) -> None:
+    assert bind_address_from_env({"BIND_ADDRESS": value}) == expected
+
+
+@pytest.mark.parametrize("value", ["localhost", "0.0.0.0:http", "1.2.3.4:70000"])
+def test_a_bad_bind_address_stops_serve_with_a_clear_error(
+    value: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = write(tmp_path, "bind.yaml", GOOD_YAML)
+    monkeypatch.setenv("BIND_ADDRESS", value)
+    assert main(["serve", "--config", str(path)]) == 1
+    assert "BIND_ADDRESS" in capsys.readouterr().err
 
 
 def test_check_config_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,6 +275,41 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
             proc.kill()
             proc.wait(timeout=timeout)
     return proc.returncode
+
+
+def test_serve_listens_on_bind_address_and_warns_of_keys_without_effect(tmp_path: Path) -> None:
+    """A Berry deployment's environment as it was: ``CONFIG_PATH`` names the file and
+    ``BIND_ADDRESS`` the listening address; a key of the original's with no effect here
+    is named once at start-up, with why."""
+    text = GOOD_YAML + "\nsettings:\n  batch_metrics: {enabled: true}\n"
+    config = write(tmp_path, "original.yaml", text)
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "BERRY_CONFIG"},
+        "CONFIG_PATH": str(config),
+        "BIND_ADDRESS": f"127.0.0.1:{port}",
+    }
+    stdout_path = tmp_path / "stdout.log"
+    with stdout_path.open("wb") as stdout:
+        proc = subprocess.Popen(  # our own interpreter and module
+            [sys.executable, "-m", "berry_proxy", "serve"],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=env,
+        )
+        try:
+            wait_until_ready(proc, port)
+            status, _ = request(port, "GET", "/v1/health", b"", {})
+        finally:
+            returncode = stop(proc)
+    assert (status, returncode) == (200, 0)
+    lines = [orjson.loads(line) for line in stdout_path.read_bytes().splitlines() if line]
+    (warning,) = [line for line in lines if line.get("event") == "config_key_ignored"]
+    assert warning["key"] == "settings.batch_metrics"
+    assert warning["level"] == "warning"
+    assert "nothing is batched" in warning["reason"]
 
 
 def test_serve_answers_and_logs_without_secrets(tmp_path: Path) -> None:

@@ -1495,9 +1495,17 @@ def test_example_berry_original_toml_uses_the_original_keys() -> None:
         "[[models.",
         ".rate_limit]",
         ".headers]",
+        "lightweight_check_interval_seconds",
+        "[settings.batch_metrics]",
     ):
         assert key in text
     config = load_config(path, env=dummy_env(text))
+    # The original's keys with no effect here are accepted, each named with why.
+    assert [key for key, _ in config.ignored] == [
+        "settings.smart_ai.lightweight_check_interval_seconds",
+        "settings.batch_metrics",
+    ]
+    assert all(why for _, why in config.ignored)
     assert all(p.base_url.endswith("/v1") for p in config.providers.values())
     assert {b.billing_mode for m in config.models.values() for b in m.backends} == {
         "per_token",
@@ -1507,3 +1515,19 @@ def test_example_berry_original_toml_uses_the_original_keys() -> None:
     assert set(app.allowed_models) == {"gpt_4o_mini", "gpt_4o"}
     assert app.rate_limit is not None
     assert config.users["admin"].admin is True
+
+
+def test_the_originals_ignored_keys_are_still_validated_where_they_have_a_type() -> None:
+    raw = {
+        "providers": {"p": {"type": "mock"}},
+        "models": {"m": {"backends": [{"provider": "p", "model": "x"}]}},
+        "users": {"u": {"token": "a-user-token-0123456789"}},
+        "settings": {"smart_ai": {"lightweight_check_interval_seconds": "often"}},
+    }
+    with pytest.raises(ConfigError) as info:
+        build_config(raw, env={})
+    assert any("lightweight_check_interval_seconds" in e for e in info.value.errors)
+    raw["settings"] = {"batch_metrics": {"anything": [1, 2]}}
+    assert [key for key, _ in build_config(raw, env={}).ignored] == ["settings.batch_metrics"]
+    raw.pop("settings")
+    assert build_config(raw, env={}).ignored == ()
