@@ -57,6 +57,11 @@ def check_config(path: str) -> int:
     config = _load(path)
     if config is None:
         return 1
+    try:
+        bind_address_from_env()  # what serve will read: a bad one fails here, not at start
+    except ConfigError as exc:
+        print(exc.errors[0], file=sys.stderr)
+        return 1
     print(
         f"{path}: OK ({len(config.providers)} providers, {len(config.models)} models, "
         f"{len(config.users)} users)"
@@ -82,11 +87,13 @@ def serve(path: str, host: str | None, port: int | None) -> int:
     config = _load(path)
     if config is None:
         return 1
-    try:
-        bind_host, bind_port = bind_address_from_env()
-    except ConfigError as exc:
-        print(exc.errors[0], file=sys.stderr)
-        return 1
+    bind_host = bind_port = None
+    if host is None or port is None:  # both flags given: $BIND_ADDRESS is not read
+        try:
+            bind_host, bind_port = bind_address_from_env()
+        except ConfigError as exc:
+            print(exc.errors[0], file=sys.stderr)
+            return 1
     configure_logging()
     # --host/--port, else the original's $BIND_ADDRESS, else the file.
     host = host or bind_host or config.server.host

@@ -327,15 +327,30 @@ def config_path_from_env(cli_value: str | None, env: Mapping[str, str] | None = 
 
 def bind_address_from_env(env: Mapping[str, str] | None = None) -> tuple[str | None, int | None]:
     """The original's ``$BIND_ADDRESS`` (``host:port``, ``[v6]:port`` or ``:port``) as
-    (host, port), each None when not given; ConfigError when it is not an address."""
+    (host, port), each None when not given; ConfigError when it is not such an address."""
     value = (os.environ if env is None else env).get("BIND_ADDRESS", "").strip()
     if not value:
         return None, None
     host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError([f"BIND_ADDRESS: '{value}' is not host:port (e.g. 0.0.0.0:3000)"])
-    host = host.strip("[]")
-    return host or None, int(port_text)
+    if host.startswith("[") and host.endswith("]") and host.count("[") == 1:
+        host = host[1:-1]  # an IPv6 address, in the brackets it needs before a port
+        bracketed = True
+    else:
+        bracketed = False
+    if (
+        not sep
+        or not port_text.isdigit()
+        or any(c.isspace() or c in "[]" for c in host)
+        or (":" in host and not bracketed)  # an IPv6 address without brackets is ambiguous
+        or (bracketed and not host)
+    ):
+        raise ConfigError(
+            [f"BIND_ADDRESS: '{value}' is not host:port (e.g. 0.0.0.0:3000 or [::1]:3000)"]
+        )
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigError([f"BIND_ADDRESS: port {port} is not between 1 and 65535"])
+    return host or None, port
 
 
 __all__ = [

@@ -253,8 +253,9 @@ class SmartAISchema(_Strict):
     enable_time_decay = StrictBoolean()
     non_premium_stability_bonus = StrictFloat(validate=validate.Range(min=0, min_inclusive=False))
     confidence_adjustments = fields.Nested(ConfidenceAdjustmentsSchema)
-    # The original's key, accepted and ignored (config.IGNORED_KEYS says why).
-    lightweight_check_interval_seconds = _interval()
+    # The original's key, accepted and ignored (config.IGNORED_KEYS says why); any
+    # duration the original took (0 included).
+    lightweight_check_interval_seconds = StrictFloat(validate=validate.Range(min=0))
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> SmartAISettings:

@@ -131,7 +131,10 @@ def test_bind_address_is_read_as_the_original_did(
     assert bind_address_from_env({"BIND_ADDRESS": value}) == expected
 
 
-@pytest.mark.parametrize("value", ["localhost", "0.0.0.0:http", "1.2.3.4:70000"])
+@pytest.mark.parametrize(
+    "value",
+    ["localhost", "0.0.0.0:http", "1.2.3.4:70000", "::1", "fe80::1", "h :1", "]:80", "[[x]]:80"],
+)
 def test_a_bad_bind_address_stops_serve_with_a_clear_error(
     value: str,
     tmp_path: Path,
@@ -142,6 +145,29 @@ def test_a_bad_bind_address_stops_serve_with_a_clear_error(
     monkeypatch.setenv("BIND_ADDRESS", value)
     assert main(["serve", "--config", str(path)]) == 1
     assert "BIND_ADDRESS" in capsys.readouterr().err
+    # check-config reads it too (systemd runs it before serve, with the same environment).
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert "BIND_ADDRESS" in capsys.readouterr().err
+
+
+def test_host_and_port_flags_win_over_bind_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both flags given: $BIND_ADDRESS is not read at all, so even a malformed one cannot
+    stop serve; one flag given: the other half comes from $BIND_ADDRESS."""
+    seen: list[tuple[str, int]] = []
+
+    async def fake_serve(_app: object, host: str, port: int, _drain: float) -> None:
+        seen.append((host, port))
+
+    monkeypatch.setattr("berry_proxy.server.serve", fake_serve)
+    path = write(tmp_path, "flags.yaml", GOOD_YAML)
+    monkeypatch.setenv("BIND_ADDRESS", "junk")
+    assert main(["serve", "--config", str(path), "--host", "127.0.0.2", "--port", "4001"]) == 0
+    monkeypatch.setenv("BIND_ADDRESS", "127.0.0.3:4002")
+    assert main(["serve", "--config", str(path), "--port", "4003"]) == 0
+    assert main(["serve", "--config", str(path)]) == 0
+    assert seen == [("127.0.0.2", 4001), ("127.0.0.3", 4003), ("127.0.0.3", 4002)]
 
 
 def test_check_config_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
