@@ -232,6 +232,10 @@ IGNORED_KEYS: dict[tuple[str, ...], str] = {
         "metrics are counted per request in memory and read at /metrics and /prometheus; "
         "nothing is batched or flushed"
     ),
+    ("settings", "database"): (
+        "there is no database: runtime state lives in memory, and rate limits shared by "
+        "several instances in Redis (rate_limit_store)"
+    ),
 }
 
 

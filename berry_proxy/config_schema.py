@@ -275,10 +275,12 @@ class SettingsSchema(_Strict):
     smart_ai = fields.Nested(SmartAISchema)
     # The original's section, accepted whatever it holds and ignored (config.IGNORED_KEYS).
     batch_metrics = fields.Dict()
+    database = fields.Dict()  # likewise: some versions of the original had one
 
     @post_load
     def build(self, data: dict[str, Any], **_: Any) -> Settings:
         data.pop("batch_metrics", None)
+        data.pop("database", None)
         return Settings(**data)
 
 

@@ -1527,7 +1527,10 @@ def test_the_originals_ignored_keys_are_still_validated_where_they_have_a_type()
     with pytest.raises(ConfigError) as info:
         build_config(raw, env={})
     assert any("lightweight_check_interval_seconds" in e for e in info.value.errors)
-    raw["settings"] = {"batch_metrics": {"anything": [1, 2]}}
-    assert [key for key, _ in build_config(raw, env={}).ignored] == ["settings.batch_metrics"]
+    raw["settings"] = {"batch_metrics": {"anything": [1, 2]}, "database": {"url": "x"}}
+    assert [key for key, _ in build_config(raw, env={}).ignored] == [
+        "settings.batch_metrics",
+        "settings.database",
+    ]
     raw.pop("settings")
     assert build_config(raw, env={}).ignored == ()
