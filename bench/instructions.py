@@ -27,9 +27,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +47,7 @@ from run import (
     request_body,
     start_nginx,
     temp_dir,
+    wait_ready,
 )
 
 READY_TIMEOUT_S = 120.0  # a Python server starts ~30x slower under valgrind
@@ -87,7 +85,7 @@ def count_instructions(
     name = f"{server.name}-{scenario.key}-{requests}"
     proc = sup.start(name, [*valgrind, *server.command(port, upstream, config)], env)
     base = f"http://127.0.0.1:{port}"
-    wait_until_answering(f"{base}{server.health_path}", proc, READY_TIMEOUT_S)
+    wait_ready(name, f"{base}{server.health_path}", proc, sup, READY_TIMEOUT_S)
     url = f"{base}{server.stream_prefix if scenario.stream else ''}/v1/chat/completions"
     asyncio.run(drive(url, scenario, requests))
     proc.send_signal(signal.SIGTERM)
@@ -99,19 +97,6 @@ def count_instructions(
     if match is None:
         raise BenchError(f"{name}: no cachegrind summary; log:\n{sup.log_tail(name)}")
     return int(match.group(1))
-
-
-def wait_until_answering(url: str, proc: subprocess.Popen[bytes], within: float) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5.0):  # noqa: S310 - loopback URL
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    raise BenchError(f"{url} did not answer within {within:.0f} s")
 
 
 async def drive(url: str, scenario: Scenario, requests: int) -> None:

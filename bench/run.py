@@ -377,9 +377,15 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(name: str, url: str, proc: subprocess.Popen[bytes], sup: Supervisor) -> None:
-    """Poll url until it answers 200, the process dies, or READY_TIMEOUT_S passes."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_ready(
+    name: str,
+    url: str,
+    proc: subprocess.Popen[bytes],
+    sup: Supervisor,
+    timeout: float = READY_TIMEOUT_S,
+) -> None:
+    """Poll url until it answers 200, the process dies, or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:

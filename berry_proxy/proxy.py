@@ -105,21 +105,22 @@ class Proxy:
         ctx.stream = body.stream
         limiter = self.limiter
         limits = None if limiter is None else limiter.limits_of(user.id)
-        if limits is None:  # a user without limits pays nothing more
-            # 503 at once when no backend may be tried.
-            plan = self.router.plan(model, user, body.stream)
-            return await self._forward(request, ctx, endpoint, body, model, plan)
-        # The rate-limit step, before routing (a refused request moves no router state):
-        # only now is the estimate of a request's tokens known.
-        assert limiter is not None  # noqa: S101  # limits come from it
-        completion = 0 if not endpoint.streams else max_tokens_of(body)  # embeddings: none
-        admission = await limiter.admit(limits, estimate_tokens(len(raw), completion))
-        ctx.rate_limit_headers = admission.headers
+        admission = None  # a user without limits pays nothing more
+        if limits is not None:
+            # The rate-limit step, before routing (a refused request moves no router
+            # state): only now is the estimate of a request's tokens known.
+            assert limiter is not None  # noqa: S101  # limits come from it
+            completion = 0 if not endpoint.streams else max_tokens_of(body)  # embeddings
+            admission = await limiter.admit(limits, estimate_tokens(len(raw), completion))
+            ctx.rate_limit_headers = admission.headers
         try:
+            # 503 at once when no backend may be tried (a reservation is then refunded).
             plan = self.router.plan(model, user, body.stream)
             return await self._forward(request, ctx, endpoint, body, model, plan)
         finally:
-            limiter.finish(admission, used_tokens(ctx))
+            if admission is not None:
+                assert limiter is not None  # noqa: S101  # it admitted the request
+                limiter.finish(admission, used_tokens(ctx))
 
     async def _forward(
         self,
