@@ -402,7 +402,7 @@ def wait_ready(
             last_error = str(exc)
         time.sleep(0.1)
     raise BenchError(
-        f"{name} not ready after {READY_TIMEOUT_S:.0f} s at {url} ({last_error}); log:\n"
+        f"{name} not ready after {timeout:.0f} s at {url} ({last_error}); log:\n"
         + sup.log_tail(name)
     )
 

@@ -45,26 +45,34 @@ class AccessLog:
     the time (a test runner's capture included).
     """
 
-    __slots__ = ("enabled", "stream")
+    __slots__ = ("dropped", "enabled", "stream")
 
     def __init__(self) -> None:
         self.enabled = True
         self.stream: BinaryIO | None = None
+        self.dropped = 0  # lines that could not be written (a broken stdout)
 
     def write(self, fields: dict[str, Any]) -> None:
+        """Write the line; never raise: it is written as a request ends, and a broken
+        stdout (journald restarting, a closed pipe) must not turn answers into errors."""
         if not self.enabled:
             return
         fields["event"] = "request"
         fields["level"] = "info"
         fields["timestamp"] = iso_timestamp()
-        line = orjson.dumps(fields) + b"\n"
-        stream = self.stream
-        if stream is None:
-            sys.stdout.write(line.decode())
-            sys.stdout.flush()
-            return
-        stream.write(line)
-        stream.flush()
+        try:
+            line = orjson.dumps(fields) + b"\n"
+            stream = self.stream
+            if stream is None:
+                if sys.stdout is None:  # no stdout at all (a detached process)
+                    return
+                sys.stdout.write(line.decode())
+                sys.stdout.flush()
+                return
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError, TypeError):  # ValueError: a closed file
+            self.dropped += 1
 
 
 ACCESS_LOG = AccessLog()

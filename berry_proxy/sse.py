@@ -354,12 +354,26 @@ def usage_of(payload: Any) -> tuple[int | None, int | None, bool]:
     usage = payload.get("usage")
     if not isinstance(usage, dict):
         return None, None, False
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     return (
-        prompt if isinstance(prompt, int) else None,
-        completion if isinstance(completion, int) else None,
+        _token_count(usage.get("prompt_tokens")),
+        _token_count(usage.get("completion_tokens")),
         carries_nothing(payload.get("choices")),
     )
+
+
+# A token count the gateway believes: an integer a 64-bit counter (and the access line's
+# JSON) can hold. An upstream's 10**23 is no usage at all, not a reason to fail.
+MAX_TOKEN_COUNT = 2**63 - 1
+
+
+def _token_count(value: Any) -> int | None:
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -MAX_TOKEN_COUNT <= value <= MAX_TOKEN_COUNT
+    ):
+        return value
+    return None
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -472,3 +472,14 @@ def test_without_usage_leaves_an_event_without_it_as_it_is(raw: bytes) -> None:
 )
 def test_usage_position_finds_every_spelling_of_a_usage_object(data: bytes, position: int) -> None:
     assert usage_position(data) == position
+
+
+def test_usage_of_ignores_counts_no_counter_can_hold() -> None:
+    """An upstream reporting 10**23 tokens: no usage (the access line's JSON and the
+    counters hold 64 bits), not a failure of the answer."""
+    huge = {"usage": {"prompt_tokens": 10**23, "completion_tokens": 4}, "choices": []}
+    assert usage_of(huge) == (None, 4, True)
+    assert usage_of({"usage": {"prompt_tokens": True, "completion_tokens": 2**63 - 1}})[:2] == (
+        None,
+        2**63 - 1,
+    )

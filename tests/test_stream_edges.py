@@ -147,6 +147,24 @@ def test_the_access_line_is_written_as_structlog_writes_every_other_line() -> No
         ACCESS_LOG.stream, ACCESS_LOG.enabled = None, True
 
 
+def test_an_access_line_that_cannot_be_written_is_dropped_not_raised() -> None:
+    """A broken stdout (a closed pipe, journald restarting) must not turn the answer whose
+    line it is into a 500."""
+
+    class BrokenPipe(io.BytesIO):
+        def write(self, _data: Any) -> int:
+            raise BrokenPipeError
+
+    try:
+        configure_logging(stream=BrokenPipe())
+        before = ACCESS_LOG.dropped
+        ACCESS_LOG.write({"request_id": "r1", "status": 200})
+        assert ACCESS_LOG.dropped == before + 1
+    finally:
+        structlog.reset_defaults()
+        ACCESS_LOG.stream, ACCESS_LOG.enabled = None, True
+
+
 def test_logged_exceptions_never_carry_frame_locals() -> None:
     buffer = io.BytesIO()
     configure_logging(stream=buffer)
@@ -159,6 +177,7 @@ def test_logged_exceptions_never_carry_frame_locals() -> None:
         line = orjson.loads(buffer.getvalue())
     finally:
         structlog.reset_defaults()
+        ACCESS_LOG.stream, ACCESS_LOG.enabled = None, True
     assert line["exception"][0]["exc_type"] == "RuntimeError"
     assert prompt not in buffer.getvalue().decode()
 
