@@ -1,136 +1,91 @@
 """``create_app(config)``: the aiohttp application, its middlewares, routes and lifecycle.
 
-The app also carries what aiohttp's connection handler must enforce for it
-(``handler_args``): idle keep-alive connections, and connections whose request headers
-have not all arrived, are closed after ``server.keepalive_timeout_seconds``; its own
-errors are logged through the redacting bridge of ``log.py``. Serve it with
-``server.GatewayRunner``, which also answers those errors in the SPEC envelope and drops
-clients that take nothing of an answer for ``server.send_timeout_seconds`` (any aiohttp
-runner serves it, without those two).
+Everything derived from the config lives in the ``Runtime`` the app's ``Gateway`` holds
+(``runtime.py``), so a reload swaps it whole. The app also carries what aiohttp's
+connection handler must enforce for it (``handler_args``, fixed until a restart): idle
+keep-alive connections, and connections whose request headers have not all arrived, are
+closed after ``server.keepalive_timeout_seconds``; its own errors are logged through the
+redacting bridge of ``log.py``. Serve it with ``server.GatewayRunner``, which also
+answers those errors in the SPEC envelope and drops clients that take nothing of an
+answer for ``server.send_timeout_seconds`` (any aiohttp runner serves it, without those
+two).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import keys, metrics_views, routing_views, status
-from .auth import Authenticator, declared_access
-from .config import Config, RateLimitStoreConfig
-from .cors import policy_for
-from .health import HealthProber
-from .metrics import Metrics, registry_for
-from .middlewares import MIDDLEWARES
-from .mock import MockAdapter
+from . import keys, metrics_views, operations, routing_views, status
+from .auth import declared_access
+from .config import Config
+from .metrics import registry_for
+from .middlewares import gateway_middleware
+from .notify import Notifier
 from .openai_request import CHAT, COMPLETIONS, EMBEDDINGS
 from .pool import BackendPool
-from .proxy import Proxy, handler
-from .ratelimit import MemoryStore, RateLimiter, Store
-from .ratelimit_redis import RedisStore
+from .proxy import handler
 from .request_body import defer_continue
 from .routing import Router
-from .upstream import Adapter, AzureAdapter, OpenAIAdapter
-
-
-def build_adapters(config: Config, session: aiohttp.ClientSession) -> dict[str, Adapter]:
-    adapters: dict[str, Adapter] = {}
-    for pid, provider in config.providers.items():
-        if provider.type == "azure":
-            adapters[pid] = AzureAdapter(provider, session)
-        elif provider.type == "mock":
-            adapters[pid] = MockAdapter(provider)
-        else:
-            adapters[pid] = OpenAIAdapter(provider, session)
-    return adapters
+from .runtime import Gateway
 
 
 def create_app(
     config: Config,
     *,
+    config_path: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     health_checks: bool = True,
+    notifier: Notifier | None = None,
 ) -> web.Application:
-    """The gateway for ``config``.
+    """The gateway for ``config``; ``config_path`` is the file a reload reads again.
 
     Clocks and randomness are injectable so tests can drive time and draws;
     ``health_checks=False`` leaves the background prober off (tests then call
-    ``app[keys.PROBER].probe_once()`` themselves).
+    ``app[keys.GATEWAY].runtime.prober.probe_once()`` themselves). ``notifier`` tells
+    systemd about reloads (``serve`` passes the process's).
     """
     server = config.server
+    gateway = Gateway(
+        config,
+        config_path=config_path,
+        clock=clock,
+        wall_clock=wall_clock,
+        rng=rng,
+        health_checks=health_checks,
+        notifier=notifier,
+    )
     app = web.Application(
-        middlewares=MIDDLEWARES,
+        middlewares=[gateway_middleware(gateway)],
         client_max_size=server.max_body_bytes,
         handler_args={
             "keepalive_timeout": server.keepalive_timeout_seconds,
             "logger": logging.getLogger("berry_proxy.http"),
         },
     )
-    pool = BackendPool(config, clock, wall_clock)
-    app[keys.CONFIG] = config
-    app[keys.CLOCK] = clock
-    app[keys.STARTED_AT] = wall_clock()
-    app[keys.POOL] = pool
-    app[keys.AUTHENTICATOR] = Authenticator(config.users)
-    app[keys.CORS] = policy_for(server.cors_allow_origins)
-    router = Router(pool, rng)
-    app[keys.ROUTER] = router
-    app[keys.METRICS_REGISTRY] = registry_for(pool, router)
-    store = build_store(config.rate_limit_store, clock, pool.metrics)
-    limiter = RateLimiter(config.users, store, pool.metrics.rate_limit_refused)
-    app[keys.LIMITER] = limiter
+    app[keys.GATEWAY] = gateway
 
-    async def upstream_session(app: web.Application) -> AsyncIterator[None]:
-        # One session for every provider: pooled keep-alive connections. Per-provider
-        # concurrency is bounded by the pool's slots, so the connector itself is unbounded.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(
-            connector=connector,
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-            raise_for_status=False,
-        )
-        app[keys.CLIENT_SESSION] = session
-        adapters = build_adapters(config, session)
-        app[keys.PROXY] = Proxy(config, pool, router, adapters, clock, limiter)
-        await store.start()
-        jitter_rng = random.Random(router.rng.getrandbits(64))  # noqa: S311  # not cryptography
-        prober = HealthProber(pool, adapters, config.settings, jitter_rng)
-        app[keys.PROBER] = prober
-        probing = (
-            asyncio.create_task(prober.run_forever(), name="health-prober")
-            if health_checks
-            else None
-        )
+    def current() -> tuple[BackendPool, Router]:
+        runtime = gateway.runtime
+        return runtime.pool, runtime.router
+
+    app[keys.METRICS_REGISTRY] = registry_for(gateway.metrics, current)
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        await gateway.start()
         yield
-        if probing is not None:
-            probing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probing
-        await limiter.close()
-        await session.close()
+        await gateway.close()
 
-    app.cleanup_ctx.append(upstream_session)
+    app.cleanup_ctx.append(lifetime)
     add_routes(app)
     return app
-
-
-def build_store(
-    config: RateLimitStoreConfig, clock: Callable[[], float], metrics: Metrics
-) -> Store:
-    """The rate-limit store ``rate_limit_store.backend`` names."""
-    if config.backend == "redis":
-        return RedisStore(config, clock, metrics)
-    return MemoryStore(clock)
 
 
 def add_routes(app: web.Application) -> None:
@@ -166,6 +121,7 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/admin/backend-health", routing_views.backend_health),
         ("GET", "/admin/system-stats", routing_views.system_stats),
         ("GET", "/admin/rate-limits", routing_views.rate_limits),
+        ("POST", "/admin/reload", operations.reload),
         ("GET", "/smart-ai/weights", routing_views.smart_ai_weights),
         ("GET", "/smart-ai/models/{model:.+}/weights", routing_views.smart_ai_model_weights),
     ]

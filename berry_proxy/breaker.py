@@ -77,6 +77,11 @@ class CircuitBreaker:
         self._trial_in_flight = False
         self.total_trips = 0
 
+    def retune(self, failure_threshold: int, open_seconds: float) -> None:
+        """New settings (a reload); the state, and an open window already set, stay."""
+        self.failure_threshold = failure_threshold
+        self.base_open_seconds = open_seconds
+
     @property
     def state(self) -> BreakerState:
         """The state now; an open breaker whose window has passed reads as half-open."""

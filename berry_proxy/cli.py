@@ -82,7 +82,8 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve(path: str, host: str | None, port: int | None) -> int:
     from .app import create_app  # noqa: PLC0415  # check-config and hash-token stay light
-    from .server import serve as serve_app  # noqa: PLC0415  # likewise
+    from .lifecycle import serve as serve_app  # noqa: PLC0415  # likewise
+    from .notify import Notifier  # noqa: PLC0415  # likewise
 
     config = _load(path)
     if config is None:
@@ -109,9 +110,17 @@ def serve(path: str, host: str | None, port: int | None) -> int:
         providers=len(config.providers),
         models=len(config.models),
     )
+    notifier = Notifier()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        # On SIGTERM aiohttp stops accepting and lets in-flight requests finish this long.
-        runner.run(serve_app(create_app(config), host, port, config.server.drain_timeout_seconds))
+        try:
+            runner.run(
+                serve_app(
+                    create_app(config, config_path=path, notifier=notifier), host, port, notifier
+                )
+            )
+        except OSError as exc:  # the address is taken, or not ours to bind
+            log.error("listen_failed", host=host, port=port, error=exc.strerror or str(exc))
+            return 1
     return 0
 
 

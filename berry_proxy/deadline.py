@@ -27,6 +27,7 @@ class Phase(enum.Enum):
     UPSTREAM = "stream"  # more upstream bytes
     CLIENT = "client"  # the client to take what was written
     DEADLINE = "deadline"  # (only as ``expired``) the hard limit passed
+    DRAIN = "drain"  # (only as ``expired``) the gateway's drain ran out (drain.py)
 
 
 class Watchdog:
@@ -69,6 +70,16 @@ class Watchdog:
         if self._handle is not None:
             self._handle.cancel()
 
+    def expire(self, phase: Phase) -> None:
+        """Expire the guarded block now, as ``phase`` (unless it has already expired)."""
+        loop, timeout = self._loop, self._timeout
+        if self.expired is not None or loop is None or timeout is None:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self.expired = phase
+        timeout.reschedule(loop.time())
+
     def _due(self) -> float:
         due = self.last + self.gap
         hard = self.hard
@@ -83,5 +94,6 @@ class Watchdog:
             self._handle = loop.call_at(due, self._check)
             return
         hard = self.hard
-        self.expired = Phase.DEADLINE if hard is not None and now >= hard else self.phase
-        timeout.reschedule(now)
+        if self.expired is None:
+            self.expired = Phase.DEADLINE if hard is not None and now >= hard else self.phase
+            timeout.reschedule(now)

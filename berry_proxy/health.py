@@ -64,7 +64,11 @@ class HealthProber:
         self.settings = settings
         self.rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self.sleep = sleep
-        self.next_due: dict[str, float] = {}  # provider id -> monotonic time
+        # Provider id -> monotonic time. A provider a reload carried over keeps the
+        # schedule the previous prober gave it.
+        self.next_due: dict[str, float] = {
+            p.id: p.next_probe_at for p in self.probed_providers() if p.next_probe_at is not None
+        }
         self._wake = asyncio.Event()  # set when a schedule moved earlier
         pool.on_provider_opened = self.expedite
 
@@ -119,12 +123,17 @@ class HealthProber:
         return base * (1 + self.rng.uniform(-JITTER, JITTER))
 
     async def run(self) -> None:
-        """Probe forever: due providers each round, sleeping until the next is due."""
+        """Probe forever: due providers each round, sleeping until the next is due.
+
+        Those without a schedule yet are probed at once.
+        """
         providers = self.probed_providers()
         if not providers:
             return
         clock = self.pool.clock
-        await self.probe_once(providers)
+        unscheduled = [p for p in providers if p.id not in self.next_due]
+        if unscheduled:
+            await self.probe_once(unscheduled)
         while True:
             wake = min(self.next_due.values())
             await self._nap(max(MIN_SLEEP_SECONDS, wake - clock()))

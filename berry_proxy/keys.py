@@ -2,44 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .auth import Authenticator
-    from .config import Config, UserConfig
+    from .config import UserConfig
     from .context import RequestContext
-    from .cors import CorsPolicy
-    from .health import HealthProber
-    from .pool import BackendPool
-    from .proxy import Proxy
-    from .ratelimit import RateLimiter
-    from .routing import Router
+    from .runtime import Gateway, Runtime
 
 # Annotations (not evaluated at run time) carry the types, so this module imports none of
 # the modules that use it.
-CONFIG: web.AppKey[Config] = web.AppKey("config")
-AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
-POOL: web.AppKey[BackendPool] = web.AppKey("pool")
-PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
-ROUTER: web.AppKey[Router] = web.AppKey("router")
-LIMITER: web.AppKey[RateLimiter] = web.AppKey("limiter")
-PROBER: web.AppKey[HealthProber] = web.AppKey("prober")
-CLIENT_SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("client_session")
+# The process-lifetime state, and through it the current runtime (runtime.py).
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
 # The app's Prometheus registry (metrics.registry_for).
 METRICS_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
-# None when CORS is off (``server.cors_allow_origins: []``).
-CORS: web.AppKey[CorsPolicy | None] = web.AppKey("cors")
-# Monotonic seconds; injected so tests can drive time.
-CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
-# Wall-clock seconds when the app was built, for uptime.
-STARTED_AT: web.AppKey[float] = web.AppKey("started_at")
 
+# The runtime (config and all derived from it) this request is served by, taken when it
+# arrived: a reload meanwhile does not change it.
+RUNTIME: web.RequestKey[Runtime] = web.RequestKey("runtime")
 REQUEST_CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("request_context")
 USER: web.RequestKey[UserConfig] = web.RequestKey("user")
 # Seconds a client may take nothing of this request's answer before it is dropped, when

@@ -1,16 +1,18 @@
 """Prometheus metrics: every family of SPEC §5, defined once here, counted almost for free.
 
-The families (names, help, labels, buckets) are module-level constants. Their values live
-in one ``Metrics`` object per app (the pool holds it), as plain dictionaries keyed by label
-tuples: the hot path pays a dictionary update per count and a ``bisect`` per observation,
-never a lock or ``prometheus_client``'s label lookup, and a test that builds many apps gets
-as many independent sets of numbers (no registry to collide in).
+The families (names, help, labels, buckets) are module-level constants. Their values
+live in one ``Metrics`` object per app (its ``Gateway`` holds it, through every reload),
+as plain dictionaries keyed by label tuples: the hot path pays a dictionary update per
+count and a ``bisect`` per observation, never a lock or ``prometheus_client``'s label
+lookup, and a test that builds many apps gets as many independent sets of numbers (no
+registry to collide in).
 
 What describes state (breaker state, backend health, effective weights, in-flight requests,
 build info) is not counted at all: ``GatewayCollector`` reads it from the pool and the
 router when Prometheus scrapes, so it shows exactly what routing sees, with the weights the
 router draws with (``Router.breakdowns``). ``registry_for`` builds the app's registry: that
-collector plus ``prometheus_client``'s process, platform and GC collectors.
+collector plus ``prometheus_client``'s process, platform and GC collectors. The state
+families read the config being served now: after a reload, the new one.
 
 Label values come from config ids only (route templates, model, user and provider ids,
 status codes, failure kinds): nothing a client sends becomes a label, so each family has
@@ -20,7 +22,7 @@ a bounded number of series.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -218,6 +220,8 @@ class Metrics:
         "in_flight",
         "lb_selections",
         "overhead",
+        "proxied_in_flight",
+        "proxied_requests",
         "rate_limit_store_degraded",
         "rate_limit_store_errors",
         "rate_limited",
@@ -243,6 +247,9 @@ class Metrics:
         self.lb_selections: dict[Labels, int] = {}
         self.config_reloads: dict[Labels, int] = {}
         self.in_flight: dict[str, int] = {}
+        # Proxied requests (chat, completions, embeddings): all so far, and being served.
+        self.proxied_requests = 0
+        self.proxied_in_flight = 0
         self.request_duration = Histogram(REQUEST_DURATION.buckets)
         self.time_to_first_token = Histogram(TIME_TO_FIRST_TOKEN.buckets)
         self.overhead = Histogram(OVERHEAD.buckets)
@@ -297,6 +304,9 @@ class Metrics:
     def probed(self, provider: str, ok: bool) -> None:
         _add(self.health_probes, (provider, "ok" if ok else "failed"), 1)
 
+    def config_reloaded(self, ok: bool) -> None:
+        _add(self.config_reloads, ("success" if ok else "failed",), 1)
+
     @property
     def auth_total(self) -> int:
         return self.auth_successes + sum(self.auth_failures.values())
@@ -312,16 +322,20 @@ def _add(counts: dict[Labels, int], labels: Labels, amount: int) -> None:
     counts[labels] = counts.get(labels, 0) + amount
 
 
+# The pool and router of the config being served now (they change at each reload).
+Current = Callable[[], tuple["BackendPool", "Router"]]
+
+
 class GatewayCollector(Collector):
     """Every berry_* family, at scrape time: the counted numbers, and the state read off
-    the pool and the router."""
+    the current pool and router."""
 
-    def __init__(self, pool: BackendPool, router: Router) -> None:
-        self.pool = pool
-        self.router = router
+    def __init__(self, metrics: Metrics, current: Current) -> None:
+        self.metrics = metrics
+        self.current = current
 
     def collect(self) -> Iterator[Metric]:
-        metrics = self.pool.metrics
+        metrics = self.metrics
         counted = (
             (REQUESTS, metrics.requests),
             (UPSTREAM_REQUESTS, metrics.upstream_requests),
@@ -346,13 +360,14 @@ class GatewayCollector(Collector):
         yield from self._state()
 
     def _state(self) -> Iterator[Metric]:
-        pool = self.pool
+        pool, router = self.current()
+        metrics = self.metrics
         in_flight = _gauge(IN_FLIGHT)
-        for route, count in list(pool.metrics.in_flight.items()):
+        for route, count in list(metrics.in_flight.items()):
             in_flight.add_metric([route], float(count))
         yield in_flight
         degraded = _gauge(RATE_LIMIT_STORE_DEGRADED)
-        degraded.add_metric([], float(pool.metrics.rate_limit_store_degraded))
+        degraded.add_metric([], float(metrics.rate_limit_store_degraded))
         yield degraded
         breakers = _gauge(BREAKER_STATE)
         for pid, provider in pool.providers.items():
@@ -364,9 +379,7 @@ class GatewayCollector(Collector):
         for model in pool.config.models.values():
             backends = pool.backends[model.id]
             drawn: dict[tuple[str, str], float] = {}
-            for backend, weight in zip(
-                backends, self.router.breakdowns(model, backends), strict=True
-            ):
+            for backend, weight in zip(backends, router.breakdowns(model, backends), strict=True):
                 key = (backend.provider.id, backend.config.model)
                 if key not in seen:
                     seen.add(key)
@@ -389,10 +402,10 @@ def _gauge(spec: Family) -> GaugeMetricFamily:
     return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
 
 
-def registry_for(pool: BackendPool, router: Router) -> CollectorRegistry:
+def registry_for(metrics: Metrics, current: Current) -> CollectorRegistry:
     """The app's registry: its berry_* families and the default process metrics."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(pool, router))
+    registry.register(GatewayCollector(metrics, current))
     for default in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         registry.register(default)
     return registry

@@ -39,8 +39,8 @@ def _stats(stats: Stats) -> dict[str, Any]:
 
 @access(Access.STATUS)
 async def metrics_json(request: web.Request) -> web.Response:
-    config = request.app[keys.CONFIG]
-    pool = request.app[keys.POOL]
+    config = request[keys.RUNTIME].config
+    pool = request[keys.RUNTIME].pool
     metrics = pool.metrics
     now = pool.wall_clock()
     providers = {
@@ -58,7 +58,7 @@ async def metrics_json(request: web.Request) -> web.Response:
     auth_total = metrics.auth_total
     payload = {
         "timestamp": iso_timestamp(now),
-        "uptime_seconds": round(now - request.app[keys.STARTED_AT], 3),
+        "uptime_seconds": round(now - request.app[keys.GATEWAY].started_at, 3),
         "providers": providers,
         "models": models,
         "load_balancer": {"total_selections": sum(usage.values()), "strategy_usage": usage},

@@ -1,6 +1,6 @@
 """The request chain, outermost first: request context -> CORS -> error shaping -> auth.
 
-All three run in one middleware (``gateway``), each concern in its own function:
+All three run in one middleware (``gateway_middleware``), each concern in its own function:
 - the request context gives every request its id and timing, and the access log line is
   written when it ends (also when the client left early);
 - CORS (``cors``): a preflight is answered here, before auth; every other answer gets the
@@ -15,10 +15,10 @@ All three run in one middleware (``gateway``), each concern in its own function:
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from . import keys
 from .auth import Access, declared_access, require_admin
@@ -37,64 +37,77 @@ from .log import ACCESS_LOG, get_logger
 from .metrics import Metrics
 from .response_headers import SERVER
 
+if TYPE_CHECKING:
+    from .runtime import Gateway, Runtime
+
+
 error_log = get_logger("berry_proxy.errors")
 
 
-@web.middleware
-async def gateway(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The whole chain in one coroutine frame: request context -> error shaping -> auth.
+def gateway_middleware(gateway: Gateway) -> Middleware:
+    """The app's one middleware, bound to its ``Gateway`` (no app lookups per request)."""
+    clock = gateway.clock
+    metrics = gateway.metrics
 
-    One middleware calling a plain function per concern, rather than three middlewares:
-    every time a handler resumes, it resumes through each frame of the chain, and the
-    chain's depth showed up in the per-request CPU cost (bench/).
-    """
-    clock = request.app[keys.CLOCK]
-    ctx = RequestContext(request_id_from(request.headers.get("X-Request-ID")), clock())
-    # The route template, never the raw path: a bounded label for logs and metrics.
-    resource = request.match_info.route.resource
-    ctx.route = resource.canonical if resource is not None else "unmatched"
-    request[keys.REQUEST_CONTEXT] = ctx
-    cors = request.app[keys.CORS]
-    metrics = request.app[keys.POOL].metrics
-    metrics.request_started(ctx.route)
-    drop = False
-    try:
+    @web.middleware
+    async def chain(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The whole chain in one coroutine frame: request context -> error shaping ->
+        auth.
+
+        One middleware calling a plain function per concern, rather than three
+        middlewares: every time a handler resumes, it resumes through each frame of the
+        chain, and the chain's depth showed up in the per-request CPU cost (bench/). The
+        runtime taken here serves the request to its end, whatever a reload does.
+        """
+        runtime = gateway.runtime
+        ctx = RequestContext(request_id_from(request.headers.get("X-Request-ID")), clock())
+        # The route template, never the raw path: a bounded label for logs and metrics.
+        resource = request.match_info.route.resource
+        ctx.route = resource.canonical if resource is not None else "unmatched"
+        request[keys.REQUEST_CONTEXT] = ctx
+        request[keys.RUNTIME] = runtime
+        cors = runtime.cors
+        metrics.request_started(ctx.route)
+        drop = False
         try:
-            response: web.StreamResponse
-            if cors is not None and (allowed := _preflight_methods(request)):
-                response = cors.preflight(request, allowed)  # no token, nothing upstream
-            else:
-                level = access_level(request)
-                if cors is not None:
-                    ctx.cors = cors.answer_headers(
-                        request.headers.get("Origin"), public=level is Access.PUBLIC
-                    )
-                authorize(request, ctx, level, metrics)
-                response = await handler(request)
-        except Exception as exc:
-            response = shape_error(exc, request, ctx)
-            drop = isinstance(exc, GatewayError) and exc.drop_connection
-        ctx.status = response.status
-        if not response.prepared:
-            # Every response carries its request id. A handler that prepares (streams) a
-            # response itself sets these before doing so (response_headers.served_by).
-            headers = response.headers
-            headers["X-Request-ID"] = ctx.request_id
-            headers["Server"] = SERVER
-            if ctx.cors is not None:
-                headers.update(ctx.cors)
-            if ctx.rate_limit_headers is not None:
-                headers.update(ctx.rate_limit_headers)
-            if drop:
-                await send_and_drop(request, response)
-        return response
-    except asyncio.CancelledError:
-        ctx.abort_reason = ctx.abort_reason or "client_disconnected"
-        raise
-    finally:
-        now = clock()
-        metrics.request_ended(ctx, now - ctx.started)
-        ACCESS_LOG.write(ctx.log_fields(now))
+            try:
+                response: web.StreamResponse
+                if cors is not None and (allowed := _preflight_methods(request)):
+                    response = cors.preflight(request, allowed)  # no token, nothing upstream
+                else:
+                    level = access_level(request, runtime)
+                    if cors is not None:
+                        ctx.cors = cors.answer_headers(
+                            request.headers.get("Origin"), public=level is Access.PUBLIC
+                        )
+                    authorize(request, ctx, level, metrics, runtime)
+                    response = await handler(request)
+            except Exception as exc:
+                response = shape_error(exc, request, ctx)
+                drop = isinstance(exc, GatewayError) and exc.drop_connection
+            ctx.status = response.status
+            if not response.prepared:
+                # Every response carries its request id. A handler that prepares (streams) a
+                # response itself sets these before doing so (response_headers.served_by).
+                headers = response.headers
+                headers["X-Request-ID"] = ctx.request_id
+                headers["Server"] = SERVER
+                if ctx.cors is not None:
+                    headers.update(ctx.cors)
+                if ctx.rate_limit_headers is not None:
+                    headers.update(ctx.rate_limit_headers)
+                if drop:
+                    await send_and_drop(request, response)
+            return response
+        except asyncio.CancelledError:
+            ctx.abort_reason = ctx.abort_reason or "client_disconnected"
+            raise
+        finally:
+            now = clock()
+            metrics.request_ended(ctx, now - ctx.started)
+            ACCESS_LOG.write(ctx.log_fields(now))
+
+    return chain
 
 
 async def send_and_drop(request: web.Request, response: web.StreamResponse) -> None:
@@ -149,7 +162,7 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> Gatewa
             headers={"Allow": allow} if allow else None,
         )
     if exc.status == 413:
-        limit = request.app[keys.CONFIG].server.max_body_bytes
+        limit = request[keys.RUNTIME].config.server.max_body_bytes
         return RequestTooLarge(
             "request_too_large",
             f"The request body is larger than the limit of {limit} bytes",
@@ -183,7 +196,7 @@ def shape_error(exc: Exception, request: web.Request, ctx: RequestContext) -> we
     return response
 
 
-def access_level(request: web.Request) -> Access | None:
+def access_level(request: web.Request, runtime: Runtime) -> Access | None:
     """Who may call the matched handler (``STATUS`` resolved by ``server.public_status``);
     None when no route matched (aiohttp's 404/405 handler raises, for anyone)."""
     match_info = request.match_info
@@ -191,20 +204,24 @@ def access_level(request: web.Request) -> Access | None:
         return None
     level = declared_access(match_info.handler)
     if level is Access.STATUS:
-        public = request.app[keys.CONFIG].server.public_status
+        public = runtime.config.server.public_status
         level = Access.PUBLIC if public else Access.ADMIN
     return level
 
 
 def authorize(
-    request: web.Request, ctx: RequestContext, level: Access | None, metrics: Metrics
+    request: web.Request,
+    ctx: RequestContext,
+    level: Access | None,
+    metrics: Metrics,
+    runtime: Runtime,
 ) -> None:
     """Enforce the ``Access`` level the matched handler declares (401/403 otherwise)."""
     if level is None or level is Access.PUBLIC:
         return
     headers = request.headers
     try:
-        user = request.app[keys.AUTHENTICATOR].authenticate(
+        user = runtime.authenticator.authenticate(
             headers.get("Authorization"), headers.get("api-key")
         )
     except AuthenticationFailed as failure:
@@ -215,6 +232,3 @@ def authorize(
     if level is Access.ADMIN:
         require_admin(user)
     request[keys.USER] = user
-
-
-MIDDLEWARES: list[Any] = [gateway]

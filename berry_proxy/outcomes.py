@@ -53,6 +53,10 @@ class Outcomes:
         """The client left (or stopped reading) during a committed stream."""
         self._count(exchange, "client_gone")
 
+    def drained(self, exchange: Exchange) -> None:
+        """The gateway's drain ran out during the attempt: nobody's failure."""
+        self._count(exchange, "drained")
+
     def failed(self, exchange: Exchange, failure: UpstreamFailure) -> None:
         """The attempt failed; saturation (the gateway's own limit) blames no one."""
         backend = exchange.backend

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .breaker import BreakerState, CircuitBreaker, Ticket
-from .config import BackendConfig, Config, ModelConfig, ProviderConfig, UserConfig
+from .config import BackendConfig, Config, ModelConfig, ProviderConfig, Settings, UserConfig
 from .errors import FailureKind, UpstreamFailure
 from .log import get_logger
 from .metrics import Metrics
@@ -248,60 +248,94 @@ class Evidence:
 
 
 class BackendPool:
+    """The runtime state of one config's providers and backends.
+
+    With ``previous`` (the pool of the config being replaced by a reload), state carries
+    over by identity: a provider whose config is unchanged keeps its ``ProviderState``
+    (breaker, probe results, counters, connection slots), and each backend of such a
+    provider that the new config still lists (same public model, provider and upstream
+    model) keeps its stats, SmartAI confidence, recovery stage and model breaker. The
+    shared objects are the same ones the old pool's in-flight requests still update, so
+    what they learn is not lost. A changed provider starts afresh: its upstream may be a
+    different one. ``metrics`` (the process's counted numbers) outlive any one pool.
+    """
+
     def __init__(
-        self, config: Config, clock: Clock = time.monotonic, wall_clock: Clock = time.time
+        self,
+        config: Config,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        metrics: Metrics | None = None,
+        previous: BackendPool | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.wall_clock = wall_clock
         settings = config.settings
         now = clock()
+        kept = _kept_providers(config, previous)
         self.providers = {
-            pid: ProviderState(
+            pid: kept.get(pid)
+            or ProviderState(
                 p,
                 asyncio.Semaphore(p.max_connections),
-                CircuitBreaker(
-                    settings.circuit_breaker_failure_threshold,
-                    settings.circuit_breaker_timeout_seconds,
-                    clock,
-                ),
-                probed=_serves_per_token(config, pid),
+                self._breaker(),
+                probed=False,
             )
             for pid, p in config.providers.items()
         }
+        for pid, provider in self.providers.items():
+            provider.probed = _serves_per_token(config, pid)
+            if pid in kept:
+                _retune(provider.breaker, settings)
         self.model_breakers: dict[tuple[str, str], CircuitBreaker] = {}
-        self.backends: dict[str, tuple[Backend, ...]] = {
-            mid: tuple(
-                Backend(
+        if previous is not None:
+            for key, breaker in previous.model_breakers.items():
+                if key[0] in kept:
+                    _retune(breaker, settings)
+                    self.model_breakers[key] = breaker
+        earlier = _backends_by_identity(previous, kept)
+        self.backends: dict[str, tuple[Backend, ...]] = {}
+        for mid, m in config.models.items():
+            built = []
+            for i, (b, identity) in enumerate(zip(m.backends, _identities(m), strict=True)):
+                before = earlier.get(identity)
+                backend = Backend(
                     m,
                     b,
                     self.providers[b.provider],
                     i,
-                    Confidence(settings.smart_ai, now),
+                    Confidence(settings.smart_ai, now) if before is None else before.confidence,
                     self._model_breaker(b),
                 )
-                for i, b in enumerate(m.backends)
-            )
-            for mid, m in config.models.items()
+                if before is not None:
+                    backend.confidence.retune(settings.smart_ai)
+                    backend.stats = before.stats
+                    backend.recovery_successes = before.recovery_successes
+                built.append(backend)
+            self.backends[mid] = tuple(built)
+        old_stats: dict[str, Stats] = {} if previous is None else previous.model_stats
+        self.model_stats: dict[str, Stats] = {
+            mid: old_stats.get(mid) or Stats() for mid in config.models
         }
-        self.model_stats = {mid: Stats() for mid in config.models}
-        self.in_flight = 0
-        self.total_requests = 0
         # What Prometheus counts (requests, attempts, probes...): see metrics.py.
-        self.metrics = Metrics()
+        self.metrics = metrics if metrics is not None else Metrics()
         # Called with a provider whose breaker just opened (the prober re-probes it soon).
         self.on_provider_opened: Callable[[ProviderState], None] | None = None
+
+    def _breaker(self) -> CircuitBreaker:
+        settings = self.config.settings
+        return CircuitBreaker(
+            settings.circuit_breaker_failure_threshold,
+            settings.circuit_breaker_timeout_seconds,
+            self.clock,
+        )
 
     def _model_breaker(self, backend: BackendConfig) -> CircuitBreaker:
         key = (backend.provider, backend.model)
         breaker = self.model_breakers.get(key)
         if breaker is None:
-            settings = self.config.settings
-            breaker = self.model_breakers[key] = CircuitBreaker(
-                settings.circuit_breaker_failure_threshold,
-                settings.circuit_breaker_timeout_seconds,
-                self.clock,
-            )
+            breaker = self.model_breakers[key] = self._breaker()
         return breaker
 
     def all_backends(self) -> list[Backend]:
@@ -484,4 +518,51 @@ def _serves_per_token(config: Config, provider_id: str) -> bool:
         for m in config.models.values()
         if m.enabled
         for b in m.backends
+    )
+
+
+def _kept_providers(config: Config, previous: BackendPool | None) -> dict[str, ProviderState]:
+    """The previous pool's provider states whose provider config is unchanged."""
+    if previous is None:
+        return {}
+    return {
+        pid: state
+        for pid, state in previous.providers.items()
+        if config.providers.get(pid) == state.config
+    }
+
+
+# A backend's identity across reloads: (public model id, provider id, upstream model,
+# which occurrence of that pair in the model's list).
+BackendIdentity = tuple[str, str, str, int]
+
+
+def _identities(model: ModelConfig) -> list[BackendIdentity]:
+    seen: dict[tuple[str, str], int] = {}
+    identities = []
+    for b in model.backends:
+        nth = seen.get((b.provider, b.model), 0)
+        seen[(b.provider, b.model)] = nth + 1
+        identities.append((model.id, b.provider, b.model, nth))
+    return identities
+
+
+def _backends_by_identity(
+    previous: BackendPool | None, kept: dict[str, ProviderState]
+) -> dict[BackendIdentity, Backend]:
+    """The previous pool's backends whose provider carries over, by identity."""
+    if previous is None:
+        return {}
+    found: dict[BackendIdentity, Backend] = {}
+    for mid, backends in previous.backends.items():
+        model = previous.config.models[mid]
+        for backend, identity in zip(backends, _identities(model), strict=True):
+            if backend.provider.id in kept:
+                found[identity] = backend
+    return found
+
+
+def _retune(breaker: CircuitBreaker, settings: Settings) -> None:
+    breaker.retune(
+        settings.circuit_breaker_failure_threshold, settings.circuit_breaker_timeout_seconds
     )

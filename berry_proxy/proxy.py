@@ -23,6 +23,7 @@ from . import keys
 from .auth import Access, access, resolve_model
 from .config import Config, ModelConfig
 from .context import RequestContext
+from .drain import Drain, draining_error
 from .errors import UpstreamFailure
 from .exchange import Attempt, Exchange
 from .failover import Failover
@@ -58,6 +59,7 @@ class Proxy:
         adapters: Mapping[str, Adapter],
         clock: Clock = time.monotonic,
         limiter: RateLimiter | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -65,6 +67,7 @@ class Proxy:
         self.adapters = adapters
         self.clock = clock
         self.limiter = limiter
+        self.drain = drain or Drain()
 
     @staticmethod
     async def _parse(raw: Body, endpoint: Endpoint, deployment: str | None) -> OpenAIRequest:
@@ -84,13 +87,15 @@ class Proxy:
         self, request: web.Request, endpoint: Endpoint, deployment: str | None = None
     ) -> web.StreamResponse:
         """Serve ``endpoint``; ``deployment`` is the model an Azure-style path names."""
-        pool = self.pool
-        pool.total_requests += 1
-        pool.in_flight += 1
+        if self.drain.draining:
+            raise draining_error()
+        metrics = self.pool.metrics
+        metrics.proxied_requests += 1
+        metrics.proxied_in_flight += 1
         try:
             return await self._handle(request, endpoint, deployment)
         finally:
-            pool.in_flight -= 1
+            metrics.proxied_in_flight -= 1
 
     async def _handle(
         self, request: web.Request, endpoint: Endpoint, deployment: str | None
@@ -173,10 +178,12 @@ class Proxy:
                         metrics.failed_over(model.id, failed_before)
                     if body.stream:
                         relay = StreamRelay(
-                            request, ctx, endpoint, attempt, exchange, outcomes, clock
+                            request, ctx, endpoint, attempt, exchange, outcomes, clock, self.drain
                         )
                         return await relay.run()
-                    return await unary(request, ctx, endpoint, attempt, exchange, outcomes, clock)
+                    return await unary(
+                        request, ctx, endpoint, attempt, exchange, outcomes, clock, self.drain
+                    )
             except UpstreamFailure as failure:
                 failover.failed(backend, failure)
                 outcomes.failed(exchange, failure)
@@ -203,7 +210,7 @@ def used_tokens(ctx: RequestContext) -> int | None:
 def handler(
     endpoint: Endpoint, *, deployment_in_path: bool = False
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """The aiohttp handler serving ``endpoint`` through the app's proxy.
+    """The aiohttp handler serving ``endpoint`` through the proxy of the request's runtime.
 
     With ``deployment_in_path`` the route's ``{deployment}`` names the model, as on Azure
     OpenAI (``/openai/deployments/{deployment}/chat/completions``).
@@ -211,7 +218,7 @@ def handler(
 
     @access(Access.USER)
     async def handle(request: web.Request) -> web.StreamResponse:
-        proxy: Proxy = request.app[keys.PROXY]
+        proxy = request[keys.RUNTIME].proxy
         deployment = request.match_info["deployment"] if deployment_in_path else None
         return await proxy.handle(request, endpoint, deployment)
 

@@ -297,12 +297,18 @@ class RateLimiter:
     """Admits or refuses each proxied request of a limited user (429 ``RateLimited``)."""
 
     def __init__(
-        self, users: Mapping[str, UserConfig], store: Store, on_refused: Callable[[str, str], None]
+        self,
+        users: Mapping[str, UserConfig],
+        store: Store,
+        on_refused: Callable[[str, str], None],
+        settling: set[asyncio.Task[None]] | None = None,
     ) -> None:
         self.store = store
         self.limits = {uid: lim for uid, user in users.items() if (lim := limits_for(user))}
         self._on_refused = on_refused  # (user, limit name): the metrics' count
-        self._settling: set[asyncio.Task[None]] = set()  # settlements sent to a shared store
+        # Settlements on their way to a shared store: one set for the limiters of every
+        # reload of the config (they share the store), so close() waits for them all.
+        self.settling: set[asyncio.Task[None]] = set() if settling is None else settling
 
     def limits_of(self, user: str) -> UserLimits | None:
         return self.limits.get(user)
@@ -386,8 +392,8 @@ class RateLimiter:
         task = asyncio.get_running_loop().create_task(
             self._finish_shared(store, limits, delta, admission.lease)
         )
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
 
     @staticmethod
     async def _finish_shared(
@@ -403,8 +409,8 @@ class RateLimiter:
     async def close(self) -> None:
         """Let settlements on their way finish (each is bounded by the store's timeout),
         then close the store."""
-        if self._settling:
-            await asyncio.wait(list(self._settling), timeout=2.0)
+        if self.settling:
+            await asyncio.wait(list(self.settling), timeout=2.0)
         await self.store.close()
 
 

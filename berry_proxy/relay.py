@@ -35,6 +35,7 @@ from aiohttp.http import HttpVersion11
 from .client_connection import drop_connection
 from .context import RequestContext
 from .deadline import Phase, Watchdog
+from .drain import Drain, draining_error
 from .errors import FailureKind, UpstreamFailure, upstream_errors
 from .exchange import Attempt, Exchange
 from .log import get_logger
@@ -53,6 +54,8 @@ error_log = get_logger("berry_proxy.errors")
 
 # Events before the commit point are held back; past this size the stream commits anyway.
 MAX_HELD_BYTES = 64 * 1024
+# When the drain runs out, a client has this long to take its stream's error event.
+DRAIN_WRITE_SECONDS = 1.0
 _COMMITTING = frozenset({EventKind.CONTENT, EventKind.USAGE, EventKind.DONE})
 _TIMEOUT_MESSAGES = {
     Phase.FIRST_BYTE: "upstream sent nothing within the first-byte timeout",
@@ -68,6 +71,7 @@ class StreamRelay:
         "attempt",
         "clock",
         "ctx",
+        "drain",
         "end",
         "endpoint",
         "error_sent",
@@ -91,6 +95,7 @@ class StreamRelay:
         exchange: Exchange,
         outcomes: Outcomes,
         clock: Clock,
+        drain: Drain,
     ) -> None:
         self.request = request
         self.ctx = ctx
@@ -99,6 +104,7 @@ class StreamRelay:
         self.exchange = exchange
         self.outcomes = outcomes
         self.clock = clock
+        self.drain = drain
         self.splitter = EventSplitter(attempt.backend.provider.config.max_event_bytes)
         self.held: list[bytes] = []
         self.upstream: UpstreamResponse | None = None
@@ -120,6 +126,8 @@ class StreamRelay:
             try:
                 async with asyncio.timeout(None) as timeout:
                     self._arm(timeout)
+                    watched = self.drain.watched
+                    watched.add(self.watchdog)  # a drain that runs out ends it
                     try:
                         passed = await self._open()
                         if passed is not None:
@@ -128,6 +136,7 @@ class StreamRelay:
                             await self._copy()
                     finally:
                         self.watchdog.cancel()
+                        watched.discard(self.watchdog)
             except TimeoutError:
                 if not timeout.expired():
                     raise
@@ -385,6 +394,9 @@ class StreamRelay:
     async def _timed_out(self) -> None:
         """The watchdog expired: fail over before the commit, else end the stream."""
         expired = self.watchdog.expired or Phase.DEADLINE
+        if expired is Phase.DRAIN:
+            await self._drained()
+            return
         message = _TIMEOUT_MESSAGES[expired]
         if self.response is None:
             raise UpstreamFailure(FailureKind.TIMEOUT, message)
@@ -403,12 +415,31 @@ class StreamRelay:
             "upstream_timeout", f"The upstream stream broke: {message}"
         )
 
-    async def _send_error_event_bounded(self, code: str, message: str) -> None:
+    async def _drained(self) -> None:
+        """The gateway's drain ran out: 503 ``draining`` before the commit (no other
+        backend is tried: this instance is stopping), else one ``draining`` error event."""
+        self.ctx.abort_reason = "draining"
+        self.outcomes.drained(self.exchange)
+        if self.response is None:
+            raise draining_error()
+        if self.error_sent:
+            self.end = StreamEnd.DRAINED
+            return
+        await self._send_error_event_bounded(
+            "draining", "The gateway is shutting down; the stream was ended", DRAIN_WRITE_SECONDS
+        )
+        if self.end is StreamEnd.BROKEN:
+            self.end = StreamEnd.DRAINED
+
+    async def _send_error_event_bounded(
+        self, code: str, message: str, limit: float | None = None
+    ) -> None:
         """The one error event, outside the watchdog's block: bounded by the idle limit on
-        its own, so a client that stopped reading cannot hold the attempt's slot."""
+        its own (or ``limit``), so a client that stopped reading cannot hold the attempt's
+        slot."""
         idle = self.attempt.backend.provider.config.idle_timeout_seconds
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout(idle if limit is None else limit):
                 self.end = await self._send_error_event(code, message)
         except TimeoutError:
             self._drop_client()
@@ -443,5 +474,5 @@ class StreamRelay:
             self.outcomes.served(self.exchange, latency)
         elif end is StreamEnd.CLIENT_GONE:
             self.outcomes.abandoned(self.exchange)
-        if end is not StreamEnd.CLIENT_GONE:
+        if end is not StreamEnd.CLIENT_GONE and end is not StreamEnd.DRAINED:
             self.outcomes.model_outcome(backend.model.id, ok=end is StreamEnd.DONE, latency=latency)

@@ -29,9 +29,9 @@ def _weights(router: Router, model: ModelConfig) -> list[tuple[Backend, WeightBr
 
 @access(Access.ADMIN)
 async def model_weights(request: web.Request) -> web.Response:
-    router = request.app[keys.ROUTER]
+    router = request[keys.RUNTIME].router
     models: dict[str, Any] = {}
-    for model in request.app[keys.CONFIG].models.values():
+    for model in request[keys.RUNTIME].config.models.values():
         models[model.name] = {
             "strategy": model.strategy,
             "enabled": model.enabled,
@@ -56,7 +56,7 @@ async def model_weights(request: web.Request) -> web.Response:
 
 @access(Access.ADMIN)
 async def backend_health(request: web.Request) -> web.Response:
-    pool = request.app[keys.POOL]
+    pool = request[keys.RUNTIME].pool
     backends = [
         {
             "provider": b.provider.id,
@@ -93,16 +93,20 @@ def stats_view(stats: Stats) -> dict[str, Any]:
 
 @access(Access.ADMIN)
 async def system_stats(request: web.Request) -> web.Response:
-    app = request.app
-    pool = app[keys.POOL]
-    config = app[keys.CONFIG]
+    gateway = request.app[keys.GATEWAY]
+    runtime = request[keys.RUNTIME]
+    pool, config, metrics = runtime.pool, runtime.config, gateway.metrics
     now = pool.wall_clock()
     payload = {
         "version": __version__,
-        "uptime_seconds": max(0.0, now - app[keys.STARTED_AT]),
-        "config_generation": 1,
-        "in_flight": pool.in_flight,
-        "total_requests": pool.total_requests,
+        "uptime_seconds": max(0.0, now - gateway.started_at),
+        "config_generation": runtime.generation,
+        "config_reloads": {
+            result: metrics.config_reloads.get((result,), 0) for result in ("success", "failed")
+        },
+        "draining": gateway.drain.draining,
+        "in_flight": metrics.proxied_in_flight,
+        "total_requests": metrics.proxied_requests,
         "models": {m.name: stats_view(pool.model_stats[m.id]) for m in config.models.values()},
         "providers": {
             pid: {
@@ -122,16 +126,15 @@ async def system_stats(request: web.Request) -> web.Response:
 async def rate_limits(request: web.Request) -> web.Response:
     """``/admin/rate-limits``: the store, and where each limited user's limits stand now
     (read without spending), with the requests each limit refused."""
-    app = request.app
-    limiter = app[keys.LIMITER]
-    refused = app[keys.POOL].metrics.rate_limited
+    limiter = request[keys.RUNTIME].limiter
+    refused = request[keys.RUNTIME].pool.metrics.rate_limited
     users: dict[str, Any] = {}
     for user_id, limits in limiter.limits.items():
         view = await limiter.store.current().peek(limits)
         for name, standing in view.items():
             standing["refused"] = refused.get((user_id, name), 0)
         users[user_id] = view
-    metrics = app[keys.POOL].metrics
+    metrics = request[keys.RUNTIME].pool.metrics
     store = {
         **limiter.store.status(),
         "errors": metrics.rate_limit_store_errors,
@@ -163,8 +166,8 @@ def _smart_ai_backends(router: Router, model: ModelConfig) -> list[dict[str, Any
 
 @access(Access.STATUS)
 async def smart_ai_weights(request: web.Request) -> web.Response:
-    router = request.app[keys.ROUTER]
-    config = request.app[keys.CONFIG]
+    router = request[keys.RUNTIME].router
+    config = request[keys.RUNTIME].config
     models = {
         m.name: {"backends": _smart_ai_backends(router, m)}
         for m in config.models.values()
@@ -181,7 +184,7 @@ async def smart_ai_weights(request: web.Request) -> web.Response:
 @access(Access.STATUS)
 async def smart_ai_model_weights(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    config = request.app[keys.CONFIG]
+    config = request[keys.RUNTIME].config
     model = config.find_model(name)
     if model is None:
         raise NotFound(
@@ -190,11 +193,11 @@ async def smart_ai_model_weights(request: web.Request) -> web.Response:
     payload = {
         "model": model.name,
         "strategy": model.strategy,
-        "backends": _smart_ai_backends(request.app[keys.ROUTER], model),
+        "backends": _smart_ai_backends(request[keys.RUNTIME].router, model),
         "timestamp": _now(request),
     }
     return json_response(payload)
 
 
 def _now(request: web.Request) -> str:
-    return iso_timestamp(request.app[keys.POOL].wall_clock())
+    return iso_timestamp(request[keys.RUNTIME].pool.wall_clock())

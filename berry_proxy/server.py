@@ -16,13 +16,12 @@ idle limit), else ``server.send_timeout_seconds``, is dropped. Small answers to 
 that reads are written as before, with no timer.
 
 ``GatewayRunner`` is aiohttp's ``AppRunner`` serving with that handler; the CLI and the
-tests both run the app through it (``serve``, ``tests/conftest.py``).
+tests both run the app through it (``lifecycle.serve``, ``tests/conftest.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Coroutine
 from typing import Any
 
@@ -227,34 +226,11 @@ class GatewayRunner(web.AppRunner):
         # Same handler, factory and options (aiohttp keeps no public copy of them); the
         # connection class differs, and takes the send limit aiohttp's own would refuse.
         options = dict(server._kwargs)
-        options["send_timeout"] = self.app[keys.CONFIG].server.send_timeout_seconds
+        config = self.app[keys.GATEWAY].runtime.config  # the app has started: it has one
+        options["send_timeout"] = config.server.send_timeout_seconds
         return GatewayServer(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             **options,
         )
-
-
-async def serve(app: web.Application, host: str, port: int, shutdown_timeout: float) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully.
-
-    On the signal aiohttp stops accepting and lets in-flight requests finish for up to
-    ``shutdown_timeout`` seconds.
-    """
-    runner = GatewayRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=shutdown_timeout
-    )
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        await stop.wait()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-        await runner.cleanup()

@@ -51,6 +51,10 @@ class Confidence:
         self._value = settings.initial_confidence
         self._updated_at = now
 
+    def retune(self, settings: SmartAISettings) -> None:
+        """New settings (a reload): the confidence earned so far stays."""
+        self._settings = settings
+
     def value(self, now: float) -> float:
         settings = self._settings
         value = self._value

@@ -60,11 +60,13 @@ def _degraded(pool: BackendPool, model: ModelConfig) -> bool:
 
 @access(Access.STATUS)
 async def health(request: web.Request) -> web.Response:
-    config = request.app[keys.CONFIG]
-    pool = request.app[keys.POOL]
+    config = request[keys.RUNTIME].config
+    pool = request[keys.RUNTIME].pool
     enabled = [m for m in config.models.values() if m.enabled]
     models = {m.name: _model_health(pool, m) for m in enabled}
-    if any(not m["available"] for m in models.values()):
+    if request.app[keys.GATEWAY].drain.draining:
+        status = "draining"  # shutting down: a load balancer should send elsewhere
+    elif any(not m["available"] for m in models.values()):
         status = "unhealthy"
     elif any(_degraded(pool, m) for m in enabled):
         status = "degraded"
@@ -77,12 +79,12 @@ async def health(request: web.Request) -> web.Response:
         "providers": _provider_health(pool),
         "models": models,
     }
-    return json_response(payload, 503 if status == "unhealthy" else 200)
+    return json_response(payload, 503 if status in ("unhealthy", "draining") else 200)
 
 
 @access(Access.PUBLIC)
 async def v1_health(request: web.Request) -> web.Response:
-    now = request.app[keys.POOL].wall_clock()
+    now = request[keys.RUNTIME].pool.wall_clock()
     return json_response({"status": "ok", "timestamp": iso_timestamp(now)})
 
 
@@ -100,14 +102,14 @@ def _openai_model(model: ModelConfig) -> dict[str, Any]:
 
 @access(Access.USER)
 async def v1_models(request: web.Request) -> web.Response:
-    models = visible_models(request.app[keys.CONFIG], request[keys.USER])
+    models = visible_models(request[keys.RUNTIME].config, request[keys.USER])
     return json_response({"object": "list", "data": [_openai_model(m) for m in models]})
 
 
 @access(Access.USER)
 async def v1_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    config = request.app[keys.CONFIG]
+    config = request[keys.RUNTIME].config
     model = config.find_model(name)
     if model is None or not model.enabled or not request[keys.USER].may_use(model.id):
         raise NotFound(
@@ -121,8 +123,8 @@ async def v1_model(request: web.Request) -> web.Response:
 
 @access(Access.USER)
 async def models_overview(request: web.Request) -> web.Response:
-    config = request.app[keys.CONFIG]
-    pool = request.app[keys.POOL]
+    config = request[keys.RUNTIME].config
+    pool = request[keys.RUNTIME].pool
     models = []
     for model in config.models.values():
         models.append(

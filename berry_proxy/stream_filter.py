@@ -32,6 +32,7 @@ class StreamEnd(enum.Enum):
     DONE = "done"  # the upstream finished with [DONE]
     BROKEN = "broken"  # the upstream failed; the client got one error event
     CLIENT_GONE = "client_gone"  # the client left; not the provider's fault
+    DRAINED = "drained"  # the gateway's drain ran out (drain.py); nobody's fault
 
 
 def forwardable(

@@ -19,6 +19,7 @@ provider's idle limit (set here as the request's ``SEND_TIMEOUT``).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 import msgspec
@@ -27,6 +28,8 @@ from aiohttp import web
 from . import keys
 from .config import DEFAULT_TOTAL_TIMEOUT_SECONDS
 from .context import RequestContext
+from .deadline import Phase, Watchdog
+from .drain import Drain, draining_error
 from .errors import FailureKind, UpstreamFailure, upstream_errors
 from .exchange import Attempt, Exchange
 from .openai_request import Endpoint
@@ -53,38 +56,39 @@ async def unary(
     exchange: Exchange,
     outcomes: Outcomes,
     clock: Clock,
+    drain: Drain,
 ) -> web.Response:
     backend = attempt.backend
     config = backend.provider.config
     total = config.total_timeout_seconds or DEFAULT_TOTAL_TIMEOUT_SECONDS
     started = clock()
-    upstream: UpstreamResponse | None = None
-    finished = False
+    # Only a hard limit (no gap): a watchdog so that a drain that runs out can end it too.
+    watchdog = Watchdog()
+    watched = drain.watched
     try:
         with upstream_errors("response"):
-            async with asyncio.timeout(min(total, attempt.deadline - started)):
-                upstream = await attempt.adapter.send(
-                    endpoint.upstream_path,
-                    backend.config.model,
-                    attempt.body,
-                    attempt.headers,
-                    backend.model.name,
-                )
-                failure = upstream.failure()
-                if failure is not None:
-                    raise failure  # its body is not read; the connection is closed
-                status = upstream.status
-                ok = 200 <= status < 300
-                data = await upstream.read(
-                    config.max_response_bytes if ok else MAX_ERROR_BODY_BYTES
-                )
-        finished = True
+            async with asyncio.timeout(None) as timeout:
+                limit = asyncio.get_running_loop().time() + min(total, attempt.deadline - started)
+                watchdog.start(timeout, math.inf, limit, Phase.DEADLINE)
+                watched.add(watchdog)
+                try:
+                    upstream, data = await _fetch(attempt, endpoint)
+                finally:
+                    watchdog.cancel()
+                    watched.discard(watchdog)
+    except UpstreamFailure:
+        if watchdog.expired is not Phase.DRAIN:
+            raise
+        # Not the upstream's failure, and no other backend is tried: this instance stops.
+        ctx.abort_reason = "draining"
+        outcomes.drained(exchange)
+        raise draining_error() from None
     finally:
         latency = clock() - started
         ctx.upstream_seconds += latency
-        if upstream is not None and not finished:
-            upstream.abort()
 
+    status = upstream.status
+    ok = 200 <= status < 300
     if ok:
         prompt, completion = _usage(data)
         ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
@@ -101,6 +105,29 @@ async def unary(
     # settlement) must not wait for the middleware to learn it.
     ctx.status = status
     return web.Response(body=data, status=status, headers=headers)
+
+
+async def _fetch(attempt: Attempt, endpoint: Endpoint) -> tuple[UpstreamResponse, bytes]:
+    """Send the attempt and read its whole answer; the connection is closed unless it was
+    read to its end (a failure's body is never read)."""
+    backend = attempt.backend
+    upstream = await attempt.adapter.send(
+        endpoint.upstream_path,
+        backend.config.model,
+        attempt.body,
+        attempt.headers,
+        backend.model.name,
+    )
+    try:
+        failure = upstream.failure()
+        if failure is not None:
+            raise failure
+        ok = 200 <= upstream.status < 300
+        limit = backend.provider.config.max_response_bytes if ok else MAX_ERROR_BODY_BYTES
+        return upstream, await upstream.read(limit)
+    except BaseException:
+        upstream.abort()
+        raise
 
 
 def _usage(data: bytes) -> tuple[int | None, int | None]:

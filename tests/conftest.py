@@ -358,7 +358,7 @@ def start_gateway(serve_app: AppServer) -> GatewayFactory:
         """Serve ``raw`` (a config dict or Config); ``options`` go to ``create_app``.
 
         The background health prober is off unless ``health_checks=True``: tests that
-        need probes call ``app[keys.PROBER].probe_once()`` at the moment they choose.
+        need probes call ``app[keys.GATEWAY].runtime.prober.probe_once()`` at the moment they choose.
         """
         config = raw if isinstance(raw, Config) else build_config(raw, env={})
         options.setdefault("health_checks", False)

@@ -157,10 +157,10 @@ def test_host_and_port_flags_win_over_bind_address(
     stop serve; one flag given: the other half comes from $BIND_ADDRESS."""
     seen: list[tuple[str, int]] = []
 
-    async def fake_serve(_app: object, host: str, port: int, _drain: float) -> None:
+    async def fake_serve(_app: object, host: str, port: int, _notifier: object) -> None:
         seen.append((host, port))
 
-    monkeypatch.setattr("berry_proxy.server.serve", fake_serve)
+    monkeypatch.setattr("berry_proxy.lifecycle.serve", fake_serve)
     path = write(tmp_path, "flags.yaml", GOOD_YAML)
     monkeypatch.setenv("BIND_ADDRESS", "junk")
     assert main(["serve", "--config", str(path), "--host", "127.0.0.2", "--port", "4001"]) == 0

@@ -71,7 +71,7 @@ async def fakes(aiohttp_server: ServerFactory, count: int) -> list[FakeUpstream]
 
 
 def pool_of(server: TestServer) -> BackendPool:
-    return server.app[keys.POOL]
+    return server.app[keys.GATEWAY].runtime.pool
 
 
 def breaker_state(server: TestServer) -> BreakerState:

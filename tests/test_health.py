@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from berry_proxy import keys
-from berry_proxy.app import build_adapters
+from berry_proxy.runtime import build_adapters
 from berry_proxy.breaker import BreakerState
 from berry_proxy.config import build_config
 from berry_proxy.errors import FailureKind, UpstreamFailure
@@ -144,11 +144,11 @@ class Gateway:
 
     @property
     def prober(self) -> HealthProber:
-        return self.server.app[keys.PROBER]
+        return self.server.app[keys.GATEWAY].runtime.prober
 
     @property
     def pool(self) -> BackendPool:
-        return self.server.app[keys.POOL]
+        return self.server.app[keys.GATEWAY].runtime.pool
 
     def state(self, provider: str) -> BreakerState:
         return self.pool.providers[provider].breaker.state
@@ -559,7 +559,7 @@ async def test_per_request_only_provider_is_never_probed(
 
     # Nor by the background loop, round after round.
     prober = HealthProber(
-        gw.pool, gw.server.app[keys.PROXY].adapters, gw.pool.config.settings, random.Random(1)
+        gw.pool, gw.server.app[keys.GATEWAY].runtime.proxy.adapters, gw.pool.config.settings, random.Random(1)
     )
     rounds = 0
 

@@ -1273,7 +1273,7 @@ async def test_a_total_limit_passing_while_a_client_is_not_reading_blames_no_pro
     raw = gateway_config(FakeUpstream(server=flood.server))
     raw["providers"]["up1"].update(idle_timeout_seconds=30, total_timeout_seconds=1.0)
     server = await start_gateway(raw)
-    pool = server.app[keys.POOL]
+    pool = server.app[keys.GATEWAY].runtime.pool
     (backend,) = pool.backends["gpt-test"]
     body = orjson.dumps({**CHAT, "stream": True})
     async with raw_connection(server.port) as stalled:

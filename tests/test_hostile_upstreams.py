@@ -1029,7 +1029,7 @@ async def test_huge_retry_after_is_capped_at_an_hour(
         fake.extra_headers = {"Retry-After": retry_after}
     clock = FakeClock()
     server = await start_gateway(failover_config(upstream, upstream2), clock=clock)
-    pool = server.app[keys.POOL]
+    pool = server.app[keys.GATEWAY].runtime.pool
     client = sdk_for(server, ADMIN_TOKEN)
     try:
         exc = await sdk_error(client.chat.completions.create(model="gpt-test", messages=MESSAGES))

@@ -93,7 +93,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def pool_of(server: TestServer) -> BackendPool:
-    return server.app[keys.POOL]
+    return server.app[keys.GATEWAY].runtime.pool
 
 
 # --------------------------------------------------------------------------------------

@@ -272,8 +272,8 @@ async def test_state_gauges_show_what_the_router_sees(
     assert value(samples, "berry_backend_healthy", provider="up1", model="up-model") == 0
     assert value(samples, "berry_backend_healthy", provider="up2", model="up-model") == 1
     app = server.app
-    pool, router = app[keys.POOL], app[keys.ROUTER]
-    model = app[keys.CONFIG].models["gpt-test"]
+    pool, router = app[keys.GATEWAY].runtime.pool, app[keys.GATEWAY].runtime.router
+    model = app[keys.GATEWAY].runtime.config.models["gpt-test"]
     backends = pool.backends["gpt-test"]
     for backend, weight in zip(backends, router.breakdowns(model, backends), strict=True):
         shown = value(

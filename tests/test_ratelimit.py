@@ -233,10 +233,10 @@ async def test_the_sdk_raises_rate_limit_error_and_sees_the_headers(
     assert body["details"]["limit"] == "requests_per_minute"
     assert int(error.response.headers["Retry-After"]) == body["details"]["retry_after"] >= 1
     assert len(upstream.requests) == 2  # the refused request never reached an upstream
-    metrics = server.app[keys.POOL].metrics
+    metrics = server.app[keys.GATEWAY].runtime.pool.metrics
     assert metrics.rate_limited == {("limited", "requests_per_minute"): 1}
     # Nor did it count against the backend.
-    (backend,) = server.app[keys.POOL].backends["gpt-test"]
+    (backend,) = server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"]
     assert backend.stats.failed_requests == 0
 
 
@@ -339,7 +339,7 @@ async def test_a_stream_the_client_abandons_keeps_its_reservation(
         async with asyncio.timeout(5):
             await upstream.disconnected.wait()
     upstream.mode = "ok"
-    limiter = server.app[keys.LIMITER]
+    limiter = server.app[keys.GATEWAY].runtime.limiter
     limits = limiter.limits_of("limited")
     assert limits is not None
     async with asyncio.timeout(5):

@@ -226,7 +226,7 @@ def redis_config(upstream: FakeUpstream, redis: RedisServer, **limit: int) -> di
 
 
 def redis_store(server: TestServer) -> RedisStore:
-    store = server.app[keys.LIMITER].store
+    store = server.app[keys.GATEWAY].runtime.limiter.store
     assert isinstance(store, RedisStore), f"the gateway limits with {store.name}, not redis"
     return store
 

@@ -717,7 +717,7 @@ async def test_least_latency_end_to_end_routes_and_measures_each_kind_apart(
     raw = gateway_config(upstream, upstream2)
     raw["models"]["gpt-test"]["strategy"] = "least_latency"
     server = await start_gateway(raw)
-    up1, up2 = server.app[keys.POOL].backends["gpt-test"]
+    up1, up2 = server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"]
     up1.stats.stream_latency_ewma, up1.stats.unary_latency_ewma = 0.010, 1.0
     up2.stats.stream_latency_ewma, up2.stats.unary_latency_ewma = 1.0, 0.010
     client = openai.AsyncOpenAI(

@@ -209,8 +209,8 @@ def find(backends: Iterable[dict[str, Any]], provider: str, model: str) -> dict[
 def breakdowns(gw: Gateway, model_id: str) -> list[WeightBreakdown]:
     """What the router's formula gives now for each of ``model_id``'s backends."""
     app = gw.server.app
-    model = app[keys.CONFIG].models[model_id]
-    return app[keys.ROUTER].breakdowns(model, app[keys.POOL].backends[model_id])
+    model = app[keys.GATEWAY].runtime.config.models[model_id]
+    return app[keys.GATEWAY].runtime.router.breakdowns(model, app[keys.GATEWAY].runtime.pool.backends[model_id])
 
 
 def assert_no_leak(text: str, *fakes: FakeUpstream, ports: Iterable[int] = ()) -> None:
@@ -356,7 +356,7 @@ async def test_smart_ai_weights_lists_smart_ai_models_with_their_settings(
     ]
 
     settings = body["settings"]
-    assert settings == asdict(gw.server.app[keys.CONFIG].settings.smart_ai)
+    assert settings == asdict(gw.server.app[keys.GATEWAY].runtime.config.settings.smart_ai)
     for name, value in SMART_AI_SETTINGS.items():
         if name != "confidence_adjustments":
             assert settings[name] == value, name
@@ -516,7 +516,7 @@ async def test_effective_weight_shown_is_the_routers_formula(
     after = check(await shown())
     assert after[1] < before[1]
     assert after[1] < after[0]
-    assert gw.server.app[keys.POOL].backends["gpt-test"][1].stats.consecutive_failures >= 2
+    assert gw.server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"][1].stats.consecutive_failures >= 2
 
 
 async def test_backend_health_counts_real_traffic(
@@ -534,7 +534,7 @@ async def test_backend_health_counts_real_traffic(
         {"error": {"message": f"boom at {upstream2.url}/v1 with key {UPSTREAM_KEY}"}}
     )
 
-    await gw.server.app[keys.PROBER].probe_once()
+    await gw.server.app[keys.GATEWAY].runtime.prober.probe_once()
     sent = 10
     for _ in range(sent):
         assert (await chat(session, gw)) == (200, "up1")
@@ -608,7 +608,7 @@ async def test_models_shows_backend_with_open_breaker_unhealthy(
     raw["models"]["gpt-test"]["strategy"] = "weighted_random"
     gw = await start(start_gateway, raw)
     upstream2.mode = "status"  # 500s: the breaker of up2's upstream model opens
-    breaker = gw.server.app[keys.POOL].backends["gpt-test"][1].breaker
+    breaker = gw.server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"][1].breaker
     for _ in range(MAX_REQUESTS):
         assert (await chat(session, gw)) == (200, "up1")
         if breaker.state is BreakerState.OPEN:
@@ -658,7 +658,7 @@ async def test_no_view_leaks_upstream_address_or_key(
     assert dead_port is not None
     await dead.server.close()  # connections to it are refused from now on
 
-    prober = gw.server.app[keys.PROBER]
+    prober = gw.server.app[keys.GATEWAY].runtime.prober
     assert (await prober.probe_once())["up3"] is not None
     for _ in range(12):
         assert (await chat(session, gw)) == (200, "up1")
