@@ -18,7 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import openai
@@ -358,7 +358,8 @@ def start_gateway(serve_app: AppServer) -> GatewayFactory:
         """Serve ``raw`` (a config dict or Config); ``options`` go to ``create_app``.
 
         The background health prober is off unless ``health_checks=True``: tests that
-        need probes call ``app[keys.GATEWAY].runtime.prober.probe_once()`` at the moment they choose.
+        need probes call ``app[keys.GATEWAY].runtime.prober.probe_once()`` at the moment
+        they choose.
         """
         config = raw if isinstance(raw, Config) else build_config(raw, env={})
         options.setdefault("health_checks", False)
@@ -424,6 +425,7 @@ class GatewayProcess:
     process: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    config_path: Path
 
     @property
     def url(self) -> str:
@@ -467,16 +469,20 @@ class GatewayProcess:
         return proc.returncode
 
 
-ProcessFactory = Callable[[dict[str, Any]], Awaitable[GatewayProcess]]
+class ProcessFactory(Protocol):
+    def __call__(
+        self, raw: dict[str, Any], env: dict[str, str] | None = None
+    ) -> Awaitable[GatewayProcess]: ...
 
 
 @pytest.fixture
 async def gateway_process(tmp_path: Path) -> AsyncIterator[ProcessFactory]:
-    """Start ``berry-proxy serve`` on a free loopback port with a config dict; each one
-    is stopped (SIGTERM by its PID, SIGKILL if it hangs) when the test ends."""
+    """Start ``berry-proxy serve`` on a free loopback port with a config dict (and more
+    environment variables: ``env``); each one is stopped (SIGTERM by its PID, SIGKILL if
+    it hangs) when the test ends."""
     started: list[GatewayProcess] = []
 
-    async def start(raw: dict[str, Any]) -> GatewayProcess:
+    async def start(raw: dict[str, Any], env: dict[str, str] | None = None) -> GatewayProcess:
         index = len(started)
         config = tmp_path / f"gateway-{index}.yaml"
         config.write_bytes(orjson.dumps(raw))  # JSON is YAML
@@ -489,8 +495,9 @@ async def gateway_process(tmp_path: Path) -> AsyncIterator[ProcessFactory]:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=None if env is None else {**os.environ, **env},
             )
-        gateway = GatewayProcess(process, port, log_path)
+        gateway = GatewayProcess(process, port, log_path, config)
         started.append(gateway)
         await _until_ready(gateway)
         return gateway

@@ -25,7 +25,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from berry_proxy import keys
-from berry_proxy.runtime import build_adapters
 from berry_proxy.breaker import BreakerState
 from berry_proxy.config import build_config
 from berry_proxy.errors import FailureKind, UpstreamFailure
@@ -38,6 +37,7 @@ from berry_proxy.health import (
 )
 from berry_proxy.pool import BackendPool
 from berry_proxy.routing import Router
+from berry_proxy.runtime import build_adapters
 
 from .conftest import (
     ADMIN_TOKEN,
@@ -559,7 +559,10 @@ async def test_per_request_only_provider_is_never_probed(
 
     # Nor by the background loop, round after round.
     prober = HealthProber(
-        gw.pool, gw.server.app[keys.GATEWAY].runtime.proxy.adapters, gw.pool.config.settings, random.Random(1)
+        gw.pool,
+        gw.server.app[keys.GATEWAY].runtime.proxy.adapters,
+        gw.pool.config.settings,
+        random.Random(1),
     )
     rounds = 0
 

@@ -210,7 +210,9 @@ def breakdowns(gw: Gateway, model_id: str) -> list[WeightBreakdown]:
     """What the router's formula gives now for each of ``model_id``'s backends."""
     app = gw.server.app
     model = app[keys.GATEWAY].runtime.config.models[model_id]
-    return app[keys.GATEWAY].runtime.router.breakdowns(model, app[keys.GATEWAY].runtime.pool.backends[model_id])
+    return app[keys.GATEWAY].runtime.router.breakdowns(
+        model, app[keys.GATEWAY].runtime.pool.backends[model_id]
+    )
 
 
 def assert_no_leak(text: str, *fakes: FakeUpstream, ports: Iterable[int] = ()) -> None:
@@ -516,7 +518,10 @@ async def test_effective_weight_shown_is_the_routers_formula(
     after = check(await shown())
     assert after[1] < before[1]
     assert after[1] < after[0]
-    assert gw.server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"][1].stats.consecutive_failures >= 2
+    assert (
+        gw.server.app[keys.GATEWAY].runtime.pool.backends["gpt-test"][1].stats.consecutive_failures
+        >= 2
+    )
 
 
 async def test_backend_health_counts_real_traffic(
