@@ -139,6 +139,10 @@ def _build_provider(pid: str, data: dict[str, Any], path: str, errors: list[str]
     data.setdefault("name", pid)
     data["models"] = tuple(data.get("models", ()))
     data["headers"] = MappingProxyType(dict(data.get("headers", {})))
+    if data.get("max_retries") == 0:
+        # The original counted retries: 0 meant one attempt and no retry. Here the key
+        # caps attempts against the provider, and a cap of 0 would leave it unused.
+        data["max_retries"] = 1
     return ProviderConfig(id=pid, **data)
 
 

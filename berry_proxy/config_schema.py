@@ -151,7 +151,8 @@ class ProviderSchema(_Strict):
     pool_timeout_seconds = _positive()
     max_response_bytes = StrictInteger(validate=validate.Range(min=1024))
     max_event_bytes = StrictInteger(validate=validate.Range(min=1024))
-    max_retries = StrictInteger(validate=validate.Range(min=1))
+    # 0 is the original's "no retries on this provider": one attempt (config._build_provider).
+    max_retries = StrictInteger(validate=validate.Range(min=0))
     api_version = fields.String(validate=validate.Length(min=1))
     mock = fields.Nested(MockSchema)
 

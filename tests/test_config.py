@@ -956,7 +956,7 @@ def test_quoted_yes_is_not_a_boolean_in_yaml_or_toml(tmp_path: Path) -> None:
         ("providers.p.idle_timeout_seconds", -0.5),
         ("providers.p.total_timeout_seconds", 0),
         ("providers.p.max_connections", 0),
-        ("providers.p.max_retries", 0),
+        ("providers.p.max_retries", -1),
         ("providers.p.mock.failure_rate", 1.5),
         ("providers.p.mock.chunk_count", 0),
         ("providers.p.api_version", ""),
@@ -1534,3 +1534,31 @@ def test_the_originals_ignored_keys_are_still_validated_where_they_have_a_type()
     ]
     raw.pop("settings")
     assert build_config(raw, env={}).ignored == ()
+
+
+def test_a_provider_max_retries_of_0_is_the_originals_no_retry_one_attempt(
+    tmp_path: Path,
+) -> None:
+    text = """
+[providers.local]
+name = "Local"
+base_url = "http://127.0.0.1:8000"
+api_key = ""
+max_retries = 0
+
+[models.m]
+name = "m"
+[[models.m.backends]]
+provider = "local"
+model = "x"
+
+[users.u]
+name = "U"
+token = "u-token-0123456789abcdef"
+"""
+    config = load_config(write(tmp_path, "config.toml", text), env={})
+    assert config.providers["local"].max_retries == 1
+    negative = text.replace("max_retries = 0", "max_retries = -1")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, "bad.toml", negative), env={})
+    assert any("max_retries" in e for e in excinfo.value.errors)
