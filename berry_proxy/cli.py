@@ -82,6 +82,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def serve(path: str, host: str | None, port: int | None) -> int:
     from .app import create_app  # noqa: PLC0415  # check-config and hash-token stay light
+    from .lifecycle import ListenError  # noqa: PLC0415  # likewise
     from .lifecycle import serve as serve_app  # noqa: PLC0415  # likewise
     from .notify import Notifier  # noqa: PLC0415  # likewise
 
@@ -118,8 +119,8 @@ def serve(path: str, host: str | None, port: int | None) -> int:
                     create_app(config, config_path=path, notifier=notifier), host, port, notifier
                 )
             )
-        except OSError as exc:  # the address is taken, or not ours to bind
-            log.error("listen_failed", host=host, port=port, error=exc.strerror or str(exc))
+        except ListenError as exc:  # the address is taken, or not ours to bind
+            log.error("listen_failed", host=host, port=port, error=str(exc))
             return 1
     return 0
 

@@ -318,7 +318,20 @@ def parse_file(path: Path) -> Any:
             return tomllib.loads(text)
         return yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError([f"{path}: syntax error: {exc}"]) from exc
+        raise ConfigError([f"{path}: syntax error: {syntax_error_text(exc)}"]) from None
+
+
+def syntax_error_text(exc: yaml.YAMLError | tomllib.TOMLDecodeError) -> str:
+    """What is wrong and where, never the offending text: PyYAML quotes the line it
+    stopped at, which may be an ``api_key`` or a ``token`` (and reload errors are logged
+    and answered over HTTP). TOML's messages name only a line and column."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc) if isinstance(exc, tomllib.TOMLDecodeError) else type(exc).__name__
+    what = "; ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+    mark = exc.problem_mark or exc.context_mark
+    if mark is None:
+        return what
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})"
 
 
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:

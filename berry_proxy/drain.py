@@ -1,12 +1,15 @@
-"""Shutdown as proxied requests see it: refused once draining, ended when the drain runs out.
+"""Shutdown as proxied requests see it: refused once draining, ended when it runs out.
 
 On SIGTERM (``lifecycle.py``) the gateway stops accepting and ``Drain.draining`` becomes
-true: a request that still arrives on an open connection gets 503 ``draining`` and
-``/health`` answers 503. Requests already being served go on. When
-``server.drain_timeout_seconds`` has passed (or at a second signal), ``Drain.expire`` ends
-each one that is left through the ``Watchdog`` that already bounds it: a stream gets one
-``draining`` error event (never a silent cut), a request still waiting for its upstream a
-503 ``draining``. Neither charges the backend: it did nothing wrong.
+true: ``/health`` answers 503, and a request that still reaches a handler (one already
+read off a keep-alive connection) gets 503 ``draining``. Requests already being served go
+on. When ``server.drain_timeout_seconds`` has passed (or at a second signal),
+``Drain.expire`` ends each one left through the ``Watchdog`` that already bounds its
+attempt: a stream gets one ``draining`` error event (never a silent cut), a request still
+waiting for its upstream a 503 ``draining``. Neither charges the backend: it did nothing
+wrong. No attempt starts once the drain has run out (``Proxy``), and one whose guarded
+block began just after is ended as it begins (``watch``). A request not in an attempt
+then (reading its body, waiting for a connection slot) is ended at its next step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ class Drain:
         self.expired = False
         # The watchdogs of the attempts being served now (added and removed by each).
         self.watched: set[Watchdog] = set()
+
+    def watch(self, watchdog: Watchdog) -> None:
+        """Let the drain end this attempt (at once if the drain has already run out)."""
+        self.watched.add(watchdog)
+        if self.expired:
+            watchdog.expire(Phase.DRAIN)
 
     def begin(self) -> None:
         """Stop taking requests; those being served go on."""

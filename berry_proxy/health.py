@@ -73,8 +73,15 @@ class HealthProber:
         pool.on_provider_opened = self.expedite
 
     def expedite(self, provider: ProviderState) -> None:
-        """Probe ``provider`` within seconds (its breaker just opened)."""
-        if not (provider.probed and provider.config.enabled):
+        """Probe ``provider`` within seconds (its breaker just opened).
+
+        Only a provider this prober's pool probes: one a request of an older config
+        opened may be gone from this one, or no longer probed (a stale schedule would
+        make the loop spin).
+        """
+        if self.pool.providers.get(provider.id) is not provider or not (
+            provider.probed and provider.config.enabled
+        ):
             return
         due = self.pool.clock() + RECOVERY_PROBE_DELAY * (1 + self.rng.uniform(-JITTER, JITTER))
         if due < self.next_due.get(provider.id, float("inf")):

@@ -5,12 +5,13 @@
 - **SIGHUP**: ``Gateway.reload`` (``RELOADING=1`` … ``READY=1``); reloads run one at a time
   and a bad file leaves the old config serving. Ignored while draining.
 - **SIGTERM / SIGINT**: the drain. ``STOPPING=1``; the listening socket closes (new
-  connections are refused) and idle keep-alive connections with it; ``/health`` and any
-  request that still arrives answer 503 ``draining``. Requests and streams in flight go on
-  for up to ``server.drain_timeout_seconds``; then whatever is left is ended (a stream
-  with its ``draining`` error event, a request waiting upstream with 503 ``draining``:
-  ``drain.py``), given ``DRAIN_GRACE_SECONDS`` to be written, and the app closes (upstream
-  session, store). ``serve`` then returns: exit code 0. A second signal skips the wait.
+  connections are refused) and idle keep-alive connections with it (a busy one closes
+  after its answer); a request already read off one answers 503 ``draining``. Requests
+  and streams in flight go on for up to ``server.drain_timeout_seconds``; then whatever
+  is left is ended (a stream with its ``draining`` error event, a request waiting
+  upstream with 503 ``draining``: ``drain.py``), given ``DRAIN_GRACE_SECONDS`` to be
+  written, and the app closes (upstream session, store). ``serve`` then returns: exit
+  code 0. A second signal skips the wait.
 - **Watchdog**: with ``WatchdogSec`` set, ``WATCHDOG=1`` every half of it, sent from the
   event loop itself, so a wedged loop is what systemd sees as a hang.
 """
@@ -41,6 +42,10 @@ SHUTDOWN_TIMEOUT_SECONDS = 0.5
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class ListenError(Exception):
+    """The address could not be bound (taken, or not this host's)."""
+
+
 class Lifecycle:
     """Serves one app on one address until a stop signal has drained it."""
 
@@ -67,7 +72,10 @@ class Lifecycle:
         await self.runner.setup()
         try:
             site = web.TCPSite(self.runner, host, port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise ListenError(exc.strerror or str(exc)) from exc
             log.info("listening", host=host, port=port)
             for signum in STOP_SIGNALS:
                 loop.add_signal_handler(signum, self._on_stop_signal)
@@ -79,11 +87,14 @@ class Lifecycle:
             await self._stop.wait()
             await self._drain()
         finally:
-            for signum in (*STOP_SIGNALS, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+            self.gateway.drain.begin()  # from here on a SIGHUP is ignored, not a reload
             for task in list(self._tasks):
                 task.cancel()
+            # The handlers stay until the app is closed: without them a SIGHUP would kill
+            # the process mid-cleanup, and a second Ctrl-C raise KeyboardInterrupt there.
             await self.runner.cleanup()
+            for signum in (*STOP_SIGNALS, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
             log.info("stopped")
 
     def _spawn(self, coroutine: Coroutine[Any, Any, object]) -> None:

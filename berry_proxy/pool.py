@@ -172,6 +172,15 @@ class ProviderState:
         return None
 
 
+@dataclass(slots=True)
+class Recovery:
+    """A backend's recovery stage, one object shared by its ``Backend`` in every reload
+    of the config: a request of an older config that opens a breaker resets the stage
+    routing reads now."""
+
+    successes: int | None = None
+
+
 @dataclass(slots=True, eq=False)  # compared and hashed by identity
 class Backend:
     """One (provider, upstream model) pair serving a public model."""
@@ -185,9 +194,17 @@ class Backend:
     # and upstream model (whichever public models they serve).
     breaker: CircuitBreaker
     stats: Stats = field(default_factory=Stats)
-    # smart_weighted_failover: successes since the provider's breaker last opened;
-    # None once fully recovered.
-    recovery_successes: int | None = None
+    recovery: Recovery = field(default_factory=Recovery)
+
+    @property
+    def recovery_successes(self) -> int | None:
+        """smart_weighted_failover: successes since a breaker of this backend last
+        opened; None once fully recovered."""
+        return self.recovery.successes
+
+    @recovery_successes.setter
+    def recovery_successes(self, value: int | None) -> None:
+        self.recovery.successes = value
 
     @property
     def usable(self) -> bool:
@@ -286,6 +303,8 @@ class BackendPool:
         }
         for pid, provider in self.providers.items():
             provider.probed = _serves_per_token(config, pid)
+            if not provider.probed:
+                provider.next_probe_at = None  # a kept provider this config stops probing
             if pid in kept:
                 _retune(provider.breaker, settings)
         self.model_breakers: dict[tuple[str, str], CircuitBreaker] = {}
@@ -311,7 +330,7 @@ class BackendPool:
                 if before is not None:
                     backend.confidence.retune(settings.smart_ai)
                     backend.stats = before.stats
-                    backend.recovery_successes = before.recovery_successes
+                    backend.recovery = before.recovery
                 built.append(backend)
             self.backends[mid] = tuple(built)
         old_stats: dict[str, Stats] = {} if previous is None else previous.model_stats

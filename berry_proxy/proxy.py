@@ -149,7 +149,12 @@ class Proxy:
         bodies: dict[str, Body] = {}  # backend model -> rewritten body, built once each
         metrics = self.pool.metrics
         failed_before: str | None = None  # the kind of the last failed attempt
+        drain = self.drain
         for backend in failover:
+            if drain.expired:
+                # The drain ran out (perhaps while this request waited for a connection
+                # slot): no new attempt, whatever is left of the budget.
+                raise draining_error()
             backend_model = backend.config.model
             upstream_request = bodies.get(backend_model)
             if upstream_request is None:

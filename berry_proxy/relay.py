@@ -127,7 +127,7 @@ class StreamRelay:
                 async with asyncio.timeout(None) as timeout:
                     self._arm(timeout)
                     watched = self.drain.watched
-                    watched.add(self.watchdog)  # a drain that runs out ends it
+                    self.drain.watch(self.watchdog)  # a drain that runs out ends it
                     try:
                         passed = await self._open()
                         if passed is not None:
@@ -142,9 +142,14 @@ class StreamRelay:
                     raise
                 await self._timed_out()
             except Exception:
-                if self.response is None or not self.response.prepared:
+                if self.watchdog.expired is Phase.DRAIN:
+                    # The drain ran out as this attempt failed: not a failure to fail
+                    # over from (this instance stops), nor one to charge the backend.
+                    await self._drained()
+                elif self.response is None or not self.response.prepared:
                     raise
-                await self._internal_error()
+                else:
+                    await self._internal_error()
             self._record_end()
             assert self.response is not None  # noqa: S101  # committed, or raised above
             return self.response

@@ -39,7 +39,7 @@ from .log import get_logger
 from .metrics import Metrics
 from .mock import MockAdapter
 from .notify import Notifier
-from .pool import BackendPool
+from .pool import BackendPool, ProviderState
 from .proxy import Proxy
 from .ratelimit import MemoryStore, RateLimiter, Store
 from .ratelimit_redis import RedisStore
@@ -199,6 +199,10 @@ class Gateway:
             None if previous is None else previous.limiter.settling,
         )
         jitter_rng = random.Random(self.rng.getrandbits(64))  # noqa: S311  # not cryptography
+        prober = HealthProber(pool, adapters, config.settings, jitter_rng)
+        # Whichever config a request started on, a breaker it opens is re-probed by the
+        # prober running now.
+        pool.on_provider_opened = self._provider_opened
         return Runtime(
             config=config,
             generation=generation,
@@ -209,16 +213,15 @@ class Gateway:
             limiter=limiter,
             adapters=adapters,
             proxy=Proxy(config, pool, router, adapters, clock, limiter, self.drain),
-            prober=HealthProber(pool, adapters, config.settings, jitter_rng),
+            prober=prober,
         )
+
+    def _provider_opened(self, provider: ProviderState) -> None:
+        self.runtime.prober.expedite(provider)
 
     def _install(self, runtime: Runtime) -> None:
         """Make ``runtime`` the one new requests get, and its prober the one running."""
-        previous = self._runtime
         self._runtime = runtime  # the swap: one assignment
-        if previous is not None:
-            # A breaker its in-flight requests open is re-probed by the running prober.
-            previous.pool.on_provider_opened = runtime.prober.expedite
         if self._probing is not None:
             self._probing.cancel()  # it reads the old pool; the new one takes its schedule
         if self.health_checks:
@@ -237,10 +240,15 @@ class Gateway:
         """Read the config file again and, if it is valid, serve it (one at a time)."""
         async with self._reloading:
             self.notifier.reloading()
+            result: ReloadResult | None = None
             try:
                 result = await self._reload()
             finally:
-                self.notifier.ready(self.status_line())
+                if not self.drain.draining:  # else STOPPING=1 has been said: no READY=1
+                    status = self.status_line()
+                    if result is None or not result.ok:
+                        status = f"Reload failed; {status[0].lower()}{status[1:]}"
+                    self.notifier.ready(status)
             return result
 
     async def _reload(self) -> ReloadResult:
@@ -267,9 +275,18 @@ class Gateway:
                 errors=errors,
             )
             return ReloadResult(ok=False, generation=current.generation, errors=errors)
+        if self.drain.draining:  # the stop signal came while the file was read
+            errors = ["the gateway is shutting down: the reload was not applied"]
+            return ReloadResult(ok=False, generation=current.generation, errors=errors)
         found = changes(current.config, config)
         later = restart_required(current.config, config)
-        runtime = self._build(config, current.generation + 1, current)
+        try:
+            runtime = self._build(config, current.generation + 1, current)
+        except Exception:  # a bug of ours: the old config keeps serving
+            log.exception("config_reload_error", generation=current.generation)
+            metrics.config_reloaded(ok=False)
+            errors = ["the new config could not be applied; see the gateway's log"]
+            return ReloadResult(ok=False, generation=current.generation, errors=errors)
         self._install(runtime)
         metrics.config_reloaded(ok=True)
         for key, why in config.ignored:

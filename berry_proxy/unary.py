@@ -70,7 +70,7 @@ async def unary(
             async with asyncio.timeout(None) as timeout:
                 limit = asyncio.get_running_loop().time() + min(total, attempt.deadline - started)
                 watchdog.start(timeout, math.inf, limit, Phase.DEADLINE)
-                watched.add(watchdog)
+                drain.watch(watchdog)
                 try:
                     upstream, data = await _fetch(attempt, endpoint)
                 finally:

@@ -1333,6 +1333,26 @@ def test_syntax_errors_are_config_errors(tmp_path: Path, name: str, text: str) -
     assert error.startswith(f"{path}: syntax error: ")
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("berry.yaml", 'providers:\n  p:\n    api_key: "sk-SECRET-1234\n'),
+        ("berry.yaml", "users:\n  u:\n    token: sk-SECRET-1234: more\n"),
+        ("config.toml", '[providers.p]\napi_key = "sk-SECRET-1234\n'),
+    ],
+)
+def test_a_syntax_error_names_where_never_the_text_there(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    """Reload errors are logged and answered over HTTP: a key on the broken line stays
+    out of them."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, name, text), env={})
+    (error,) = excinfo.value.errors
+    assert "SECRET" not in error
+    assert "line " in error
+
+
 @pytest.mark.parametrize("text", ["", "# only a comment\n", "- a\n- list\n", "just a string\n"])
 def test_document_must_be_a_mapping(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError) as excinfo:

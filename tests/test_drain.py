@@ -86,13 +86,13 @@ async def test_a_request_waiting_upstream_gets_503_draining_and_no_other_backend
                     headers=HEADERS,
                 )
             )
-            await asyncio.wait(
-                {
-                    asyncio.ensure_future(upstream.received.wait()),
-                    asyncio.ensure_future(upstream2.received.wait()),
-                },
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            waits = {
+                asyncio.ensure_future(upstream.received.wait()),
+                asyncio.ensure_future(upstream2.received.wait()),
+            }
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
             sent = len(upstream.requests) + len(upstream2.requests)
             gateway_of(server).drain.expire()
             async with await answer as response:
@@ -124,3 +124,36 @@ async def test_once_draining_new_requests_and_health_answer_503(
         async with session.post(url(server, "/admin/reload"), headers=HEADERS) as response:
             assert response.status == 503
     assert upstream.requests == []
+
+
+async def test_a_request_that_waited_for_a_slot_past_the_drain_is_ended_too(
+    start_gateway: GatewayFactory, upstream: FakeUpstream
+) -> None:
+    """One connection slot: A holds it (stalled upstream), B waits for it. When the drain
+    runs out A is ended, and B, taking the freed slot, must not start a new attempt."""
+    raw = slow_config(upstream)
+    raw["providers"]["up1"]["max_connections"] = 1
+    raw["providers"]["up1"]["pool_timeout_seconds"] = 10
+    raw["providers"]["up1"]["connect_timeout_seconds"] = 10
+    server = await start_gateway(raw)
+    upstream.mode = "stall"
+    provider = gateway_of(server).runtime.pool.providers["up1"]
+    async with aiohttp.ClientSession() as session:
+
+        async def post() -> tuple[int, str]:
+            async with session.post(
+                url(server, "/v1/chat/completions"), data=chat_body(), headers=HEADERS
+            ) as response:
+                return response.status, (await response.json())["error"]["code"]
+
+        first = asyncio.ensure_future(post())
+        await upstream.received.wait()
+        second = asyncio.ensure_future(post())
+        async with asyncio.timeout(5):
+            while provider.waiting == 0:  # noqa: ASYNC110  # B queued for the slot
+                await asyncio.sleep(0.01)
+        gateway_of(server).drain.expire()
+        async with asyncio.timeout(10):  # without the fix B would wait on its upstream
+            results = await asyncio.gather(first, second)
+    assert list(results) == [(503, "draining"), (503, "draining")]
+    assert len(upstream.requests) == 1  # B never reached the upstream

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from berry_proxy import keys
 from berry_proxy.app import create_app
 from berry_proxy.breaker import BreakerState
-from berry_proxy.config import build_config
+from berry_proxy.config import build_config, load_config
 from berry_proxy.config_diff import changes, restart_required
 from berry_proxy.runtime import Gateway
 from tests.conftest import (
@@ -210,6 +210,7 @@ async def test_state_carries_over_for_unchanged_backends_and_not_for_changed_pro
     assert new_up2.config.weight == 3
     # Model totals outlive the reload.
     assert after.pool.model_stats["gpt-test"] is before.pool.model_stats["gpt-test"]
+    assert new_up1.recovery is up1.recovery
     # The open breaker still keeps requests off up1.
     upstream.requests.clear()
     assert (await chat(server))[0] == 200
@@ -320,3 +321,72 @@ def test_diff_names_ids_and_keys_never_values() -> None:
     assert found["settings"] == ["settings.max_retries"]
     assert "sk-" not in orjson.dumps(found).decode()
     assert restart_required(old, new) == ["server.port"]
+
+
+async def test_a_breaker_an_old_request_opens_is_expedited_by_the_running_prober(
+    start_reloadable: Reloadable, config_file: Path, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    server = await start_reloadable(raw)
+    first = gateway_of(server).runtime
+    for _ in range(2):
+        assert (await reload(server))[0] == 200
+    current = gateway_of(server).runtime
+    provider = first.pool.providers["up1"]  # kept: the same object in every generation
+    assert current.pool.providers["up1"] is provider
+    assert first.pool.on_provider_opened is not None
+    first.pool.on_provider_opened(provider)  # as a generation-1 request opening it would
+    assert "up1" in current.prober.next_due
+    assert "up1" not in first.prober.next_due
+
+
+async def test_the_running_prober_ignores_a_provider_its_config_no_longer_has(
+    start_reloadable: Reloadable, config_file: Path, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    raw["providers"]["spare"] = {"type": "openai", "base_url": upstream.url}
+    raw["models"]["spare-model"] = {"backends": [{"provider": "spare", "model": "up-model"}]}
+    server = await start_reloadable(raw)
+    old = gateway_of(server).runtime
+    new = copy.deepcopy(raw)
+    del new["providers"]["spare"], new["models"]["spare-model"]
+    write(config_file, new)
+    assert (await reload(server))[0] == 200
+    assert old.pool.on_provider_opened is not None
+    old.pool.on_provider_opened(old.pool.providers["spare"])
+    # A schedule for a provider it never probes would make its loop spin.
+    assert "spare" not in gateway_of(server).runtime.prober.next_due
+
+
+async def test_the_recovery_stage_is_one_object_across_reloads(
+    start_reloadable: Reloadable, config_file: Path, upstream: FakeUpstream
+) -> None:
+    raw = gateway_config(upstream)
+    server = await start_reloadable(raw)
+    (old,) = gateway_of(server).runtime.pool.backends["gpt-test"]
+    assert (await reload(server))[0] == 200
+    (new,) = gateway_of(server).runtime.pool.backends["gpt-test"]
+    assert new is not old
+    old.recovery_successes = 0  # a breaker opened by a request of the old config
+    assert new.recovery_successes == 0
+
+
+async def test_a_reload_that_finishes_after_the_drain_began_is_not_applied(
+    start_reloadable: Reloadable,
+    config_file: Path,
+    upstream: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await start_reloadable(gateway_config(upstream))
+    gateway = gateway_of(server)
+
+    def load_then_stop(path: str) -> Any:
+        config = load_config(path)
+        gateway.drain.begin()  # SIGTERM while the file was being read
+        return config
+
+    monkeypatch.setattr("berry_proxy.runtime.load_config", load_then_stop)
+    result = await gateway.reload()
+    assert not result.ok
+    assert "shutting down" in result.errors[0]
+    assert gateway.runtime.generation == 1
