@@ -328,6 +328,8 @@ def syntax_error_text(exc: yaml.YAMLError | tomllib.TOMLDecodeError) -> str:
     if not isinstance(exc, yaml.MarkedYAMLError):
         return str(exc) if isinstance(exc, tomllib.TOMLDecodeError) else type(exc).__name__
     what = "; ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML"
+    # Some problems quote the text they met (an alias, a tag, an anchor name): not that.
+    what = re.sub(r"'[^']*'", "'…'", what)
     mark = exc.problem_mark or exc.context_mark
     if mark is None:
         return what

@@ -142,7 +142,8 @@ class HealthProber:
         if unscheduled:
             await self.probe_once(unscheduled)
         while True:
-            wake = min(self.next_due.values())
+            # Only its own providers: a schedule for one it does not probe never comes due.
+            wake = min(self.next_due.get(p.id, float("inf")) for p in providers)
             await self._nap(max(MIN_SLEEP_SECONDS, wake - clock()))
             now = clock()
             due = [p for p in providers if self.next_due[p.id] <= now]

@@ -1339,6 +1339,8 @@ def test_syntax_errors_are_config_errors(tmp_path: Path, name: str, text: str) -
         ("berry.yaml", 'providers:\n  p:\n    api_key: "sk-SECRET-1234\n'),
         ("berry.yaml", "users:\n  u:\n    token: sk-SECRET-1234: more\n"),
         ("config.toml", '[providers.p]\napi_key = "sk-SECRET-1234\n'),
+        ("berry.yaml", "providers:\n  p:\n    api_key: *sk-SECRET-1234\n"),
+        ("berry.yaml", "providers:\n  p:\n    api_key: !sk-SECRET-1234 x\n"),
     ],
 )
 def test_a_syntax_error_names_where_never_the_text_there(
