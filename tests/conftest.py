@@ -538,12 +538,18 @@ CHROMIUM_FLAGS = (
 )
 
 
+def required_tool(names: tuple[str, ...], flag: str, package: str) -> str:
+    """The path of the first of ``names`` installed; without one the test is skipped,
+    unless ``$flag`` is ``1`` (``.ci/run`` sets it) and makes that a failure."""
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    if os.environ.get(flag) == "1":
+        pytest.fail(f"{names[0]} is required here ({flag}=1) but not installed")
+    pytest.skip(f"{names[0]} is not installed (Debian package {package}; .ci/run installs it)")
+
+
 def chromium() -> str:
-    """Chromium's path; skips the test without it, unless ``BERRY_REQUIRE_BROWSER=1``
-    (``.ci/run``) makes that a failure."""
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_BROWSER") == "1":
-            pytest.fail("Chromium is required here (BERRY_REQUIRE_BROWSER=1) but not installed")
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    return path
+    """Chromium's path (``BERRY_REQUIRE_BROWSER=1``: required)."""
+    return required_tool(("chromium", "chromium-browser"), "BERRY_REQUIRE_BROWSER", "chromium")

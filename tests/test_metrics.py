@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 from pathlib import Path
@@ -36,6 +35,7 @@ from .conftest import (
     GatewayFactory,
     base_url,
     gateway_config,
+    required_tool,
 )
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -318,12 +318,7 @@ async def test_public_status_false_puts_every_status_view_behind_an_admin_token(
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail(f"{name} is required here (BERRY_REQUIRE_PROMETHEUS=1)")
-        pytest.skip(f"{name} is not installed (Debian package prometheus; .ci/run installs it)")
-    return path
+    return required_tool((name,), "BERRY_REQUIRE_PROMETHEUS", "prometheus")
 
 
 async def mixed_traffic(server: TestServer, upstream: FakeUpstream, failing: int) -> None:

@@ -13,7 +13,6 @@ makes that a failure.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ import yaml
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 
 from berry_proxy.metrics import EXPORTED_METRICS, HISTOGRAMS
+from tests.conftest import required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "berry-proxy-dashboard.json"
@@ -46,14 +46,9 @@ TEMPLATE_VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
-    path = shutil.which("promtool") or (
-        "/usr/bin/promtool" if Path("/usr/bin/promtool").exists() else None
+    return required_tool(
+        ("promtool", "/usr/bin/promtool"), "BERRY_REQUIRE_PROMETHEUS", "prometheus"
     )
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_PROMETHEUS") == "1":
-            pytest.fail("promtool is required here (BERRY_REQUIRE_PROMETHEUS=1) but not installed")
-        pytest.skip("promtool (Debian's prometheus package) is not installed (.ci/run installs it)")
-    return path
 
 
 def run_promtool(

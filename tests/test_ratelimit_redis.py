@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -56,6 +54,7 @@ from .conftest import (
     chat_body,
     free_port,
     gateway_config,
+    required_tool,
 )
 
 LIMITED_TOKEN = "redis-limited-user-token-0123456789"
@@ -74,12 +73,7 @@ RECOVERY_WITHIN = 10.0
 def redis_binary() -> str:
     """redis-server's path; skips the test without it, unless ``BERRY_REQUIRE_REDIS=1``
     makes that a failure."""
-    path = shutil.which("redis-server")
-    if path is None:
-        if os.environ.get("BERRY_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is required here (BERRY_REQUIRE_REDIS=1) but not installed")
-        pytest.skip("redis-server is not installed (Debian package redis-server)")
-    return path
+    return required_tool(("redis-server",), "BERRY_REQUIRE_REDIS", "redis-server")
 
 
 async def answers_ping(port: int) -> bool:

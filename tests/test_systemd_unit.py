@@ -8,7 +8,6 @@ since ``/opt/berry-proxy`` is not installed here) and ``systemd-analyze security
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import required_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "berry-proxy.service"
@@ -25,12 +26,7 @@ MAX_EXPOSURE = 1.4
 
 @pytest.fixture
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        if os.environ.get("BERRY_REQUIRE_SYSTEMD") == "1":
-            pytest.fail("systemd-analyze is required (BERRY_REQUIRE_SYSTEMD=1)")
-        pytest.skip("systemd-analyze is not installed")
-    return found
+    return required_tool(("systemd-analyze",), "BERRY_REQUIRE_SYSTEMD", "systemd")
 
 
 def directives() -> dict[str, list[str]]:
