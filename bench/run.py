@@ -131,6 +131,8 @@ class Settings:
     baseline: Path | None = None  # a checkout whose gateway runs beside this one
     cpu: bool = True  # the CPU-per-request tables
     failover: bool = True  # bench/failover.py's scenario
+    streams: bool = True  # bench/streams.py's scenarios
+    open_streams: tuple[int, ...] = (1000,)  # how many streams the open-streams runs open
 
 
 # ---------------------------------------------------------------------------- requests
@@ -253,20 +255,27 @@ def gateway_config(port: int, upstream_port: int) -> str:
     JSON is valid YAML, so the file is written with json.dumps and needs no YAML library.
     """
     upstream = f"http://127.0.0.1:{upstream_port}"
-    config = {
+    document = gateway_document(
+        port,
+        {"bench-model": f"{upstream}/v1", "bench-stream": f"{upstream}/stream/v1"},
+    )
+    return json.dumps(document, indent=2) + "\n"
+
+
+def gateway_document(port: int, models: dict[str, str]) -> dict[str, Any]:
+    """A production-like gateway config: per model name, one provider at that base URL.
+
+    Everything a production config has is on: auth (one user with a bearer token), a rate
+    limit on that user, SmartAI routing, metrics and the JSON access log (always on).
+    """
+    providers = {
+        f"{name}-provider": {"type": "openai", "base_url": base_url, "api_key": "bench-key"}
+        for name, base_url in models.items()
+    }
+    return {
         "server": {"host": "127.0.0.1", "port": port},
-        "providers": {
-            "fake": {"type": "openai", "base_url": f"{upstream}/v1", "api_key": "bench-key"},
-            "fake-stream": {
-                "type": "openai",
-                "base_url": f"{upstream}/stream/v1",
-                "api_key": "bench-key",
-            },
-        },
-        "models": {
-            "bench": model_config("bench-model", "fake"),
-            "bench-stream": model_config("bench-stream", "fake-stream"),
-        },
+        "providers": providers,
+        "models": {name: model_config(name, f"{name}-provider") for name in models},
         # A production config limits its users: the limiter (memory store) is on the
         # bench's path, with limits far above what the bench can send.
         "users": {
@@ -280,14 +289,14 @@ def gateway_config(port: int, upstream_port: int) -> str:
             }
         },
     }
-    return json.dumps(config, indent=2) + "\n"
 
 
 def model_config(name: str, provider: str) -> dict[str, Any]:
-    """One model with a single backend on the given provider."""
+    """One model with a single backend on the given provider, routed by SmartAI (the
+    default strategy: its confidence and latency bookkeeping run on every request)."""
     return {
         "name": name,
-        "strategy": "weighted_random",
+        "strategy": "smart_ai",
         "backends": [{"provider": provider, "model": name}],
     }
 
@@ -738,7 +747,7 @@ def write_json(
     rows: Sequence[Row],
     ratios: Sequence[Ratio],
     settings: Settings,
-    failover: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Machine-readable results, for comparing runs over time."""
     doc = {
@@ -752,8 +761,7 @@ def write_json(
         "gateway_vs_bare": [asdict(r) for r in ratios],
         "verdict": verdict(ratios),
     }
-    if failover is not None:
-        doc["failover"] = failover
+    doc.update({k: v for k, v in (extra or {}).items() if v is not None})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"results written to {path}")
@@ -791,14 +799,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="also run the gateway of another checkout (e.g. `git worktree add /tmp/b "
         "COMMIT`), round-robin with this one, and print gateway ÷ baseline",
     )
-    failover = parser.add_mutually_exclusive_group()
-    failover.add_argument(
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument(
         "--no-failover", action="store_true", help="skip the failover scenario (bench/failover.py)"
     )
-    failover.add_argument(
-        "--failover-only", action="store_true", help="run only the failover scenario"
+    only.add_argument("--failover-only", action="store_true", help="run only the failover scenario")
+    only.add_argument(
+        "--no-streams", action="store_true", help="skip the stream scenarios (bench/streams.py)"
+    )
+    only.add_argument("--streams-only", action="store_true", help="run only the stream scenarios")
+    parser.add_argument(
+        "--open-streams",
+        default="1000",
+        help="comma-separated stream counts of the open-streams scenario (e.g. 1000,5000)",
     )
     args = parser.parse_args(argv)
+    counts = [c.strip() for c in args.open_streams.split(",") if c.strip()]
+    if not counts or not all(c.isdigit() and int(c) > 0 for c in counts):
+        parser.error("--open-streams: positive counts, e.g. 1000,5000")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGET_NAMES)
     if unknown or not targets:
@@ -816,8 +834,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         asyncio_bare=args.asyncio_bare,
         rounds=args.rounds,
         baseline=args.baseline,
-        cpu=not args.failover_only,
-        failover=not args.no_failover,
+        cpu=not (args.failover_only or args.streams_only),
+        failover=not (args.no_failover or args.streams_only),
+        streams=not (args.no_streams or args.failover_only),
+        open_streams=tuple(int(c) for c in counts),
     )
 
 
@@ -876,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM (e.g. from a CI timeout) must still run the finally blocks that stop servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows: list[Row] = []
-    failover_valid = True
+    failover_valid = streams_valid = True
     try:
         wrk, nginx = ensure_tools()
         with temp_dir(settings.keep_temp) as tmp:
@@ -886,6 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from redis_latency import run_redis_latency  # noqa: PLC0415  # as failover
 
                 run_redis_latency(tmp)
+            streams_doc = None
+            if settings.streams:
+                from streams import run_streams  # noqa: PLC0415  # as failover
+
+                streams_result = run_streams(settings, tmp)
+                streams_doc, streams_valid = streams_result.to_json(), streams_result.valid
             failover_doc = None
             if settings.failover:
                 # Imported here, not at the top: failover.py imports this module's helpers.
@@ -894,7 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = run_failover(settings, wrk, nginx, tmp)
                 failover_doc, failover_valid = result.to_json(), result.valid
             if settings.json_path is not None:
-                write_json(settings.json_path, rows, gateway_ratios(rows), settings, failover_doc)
+                extra = {"failover": failover_doc, "streams": streams_doc}
+                write_json(settings.json_path, rows, gateway_ratios(rows), settings, extra)
     except BenchError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
@@ -902,7 +929,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The finally blocks have already stopped the servers; no traceback needed.
         print("bench interrupted", file=sys.stderr)
         return 130
-    return 1 if any(r.error_total for r in rows) or not failover_valid else 0
+    valid = failover_valid and streams_valid and not any(r.error_total for r in rows)
+    return 0 if valid else 1
 
 
 if __name__ == "__main__":
