@@ -6,6 +6,12 @@ and prompt text never reach it. It has its own writer (``ACCESS_LOG``) that rend
 same JSON line as structlog would, without structlog's per-call processor chain: it runs
 for every request, and the chain cost ~10 µs of the gateway's ~80 µs per request.
 
+``serve`` buffers access lines, as nginx's ``access_log ... buffer= flush=`` does: they go
+out together at most ``ACCESS_FLUSH_SECONDS`` after the first of them was written (or
+once ``ACCESS_BUFFER_BYTES`` are pending), in one write instead of a write system call
+per request. Any other log line first writes out the access lines pending before it, so
+the output keeps its order; shutdown writes out the rest.
+
 Libraries log through the standard ``logging`` module (aiohttp, asyncio). Those records are
 rendered as the same one-line JSON objects, from their message template and the name of
 their exception only: a record's arguments and an exception's text can quote request
@@ -15,11 +21,13 @@ neither is ever written.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
 import time
 from collections.abc import MutableMapping
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
@@ -37,20 +45,41 @@ class _StdlibBridge(logging.Handler):
         structlog.get_logger(record.name).log(record.levelno, "library_log", **fields)
 
 
+# A buffered access log writes its pending lines at most this long after the first.
+ACCESS_FLUSH_SECONDS = 0.05
+# ... or as soon as this much is pending.
+ACCESS_BUFFER_BYTES = 64 * 1024
+
+
 class AccessLog:
     """Writes one request's access line: its fields, then ``event``, ``level`` and
-    ``timestamp``, as one JSON object on one flushed line (as structlog writes the others).
+    ``timestamp``, as one JSON object on one line (as structlog writes the others).
 
     Until ``configure_logging`` names a stream it writes to whatever ``sys.stdout`` is at
-    the time (a test runner's capture included).
+    the time (a test runner's capture included), each line at once. With ``buffered``
+    set, lines wait in memory for ``flush`` (scheduled on the running event loop).
     """
 
-    __slots__ = ("dropped", "enabled", "stream")
+    __slots__ = (
+        "_pending",
+        "_pending_bytes",
+        "_timer",
+        "_timer_loop",
+        "buffered",
+        "dropped",
+        "enabled",
+        "stream",
+    )
 
     def __init__(self) -> None:
         self.enabled = True
+        self.buffered = False
         self.stream: BinaryIO | None = None
         self.dropped = 0  # lines that could not be written (a broken stdout)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, fields: dict[str, Any]) -> None:
         """Write the line; never raise: it is written as a request ends, and a broken
@@ -62,25 +91,90 @@ class AccessLog:
         fields["timestamp"] = iso_timestamp()
         try:
             line = orjson.dumps(fields) + b"\n"
-            stream = self.stream
-            if stream is None:
-                if sys.stdout is None:  # no stdout at all (a detached process)
-                    return
-                sys.stdout.write(line.decode())
-                sys.stdout.flush()
+        except TypeError:  # a field orjson cannot write: a bug, but not the client's
+            self.dropped += 1
+            return
+        stream = self.stream
+        if stream is None:
+            self._write_stdout(line)
+            return
+        if not self.buffered:
+            self._write(stream, line, 1)
+            return
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= ACCESS_BUFFER_BYTES:
+            self.flush()
+        elif self._timer is None or self._timer_loop is None or self._timer_loop.is_closed():
+            # (A timer of a loop that has closed since would never fire.)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to flush later (a line written at shutdown)
+                self.flush()
                 return
-            stream.write(line)
+            self._timer_loop = loop
+            self._timer = loop.call_later(ACCESS_FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        """Write out the pending lines (a no-op when none are)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        lines, count = b"".join(self._pending), len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        if self.stream is not None:
+            self._write(self.stream, lines, count)
+
+    def _write(self, stream: BinaryIO, data: bytes, lines: int) -> None:
+        try:
+            stream.write(data)
             stream.flush()
-        except (OSError, ValueError, TypeError):  # ValueError: a closed file
+        except (OSError, ValueError):  # ValueError: a closed file
+            self.dropped += lines
+
+    def _write_stdout(self, line: bytes) -> None:
+        if sys.stdout is None:  # no stdout at all (a detached process)
+            return
+        try:
+            sys.stdout.write(line.decode())
+            sys.stdout.flush()
+        except (OSError, ValueError):
             self.dropped += 1
 
 
 ACCESS_LOG = AccessLog()
+atexit.register(ACCESS_LOG.flush)  # whatever is still pending when the process ends
 
 
-def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None) -> None:
-    ACCESS_LOG.stream = stream or sys.stdout.buffer
+class _AfterAccessLines:
+    """The stream every other log line goes to: the access lines pending before a line
+    are written out before it, so that the output stays in order."""
+
+    __slots__ = ("__weakref__", "_stream")  # structlog keys its per-file lock weakly
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    def write(self, data: bytes) -> int:
+        ACCESS_LOG.flush()
+        return self._stream.write(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def configure_logging(
+    level: int = logging.INFO, stream: BinaryIO | None = None, *, buffered: bool = False
+) -> None:
+    """Log to ``stream`` (stdout); ``buffered`` access lines are written in batches."""
+    target = stream or sys.stdout.buffer
+    ACCESS_LOG.flush()  # lines pending for the stream this replaces
+    ACCESS_LOG.stream = target
     ACCESS_LOG.enabled = level <= logging.INFO
+    ACCESS_LOG.buffered = buffered
     root = logging.getLogger()
     root.handlers[:] = [_StdlibBridge()]
     root.setLevel(logging.WARNING)
@@ -96,7 +190,7 @@ def configure_logging(level: int = logging.INFO, stream: BinaryIO | None = None)
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.BytesLoggerFactory(file=stream or sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(file=cast(BinaryIO, _AfterAccessLines(target))),
         cache_logger_on_first_use=True,
     )
 

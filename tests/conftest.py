@@ -272,7 +272,9 @@ class AccessLines(list[dict[str, Any]]):
 def access_lines(monkeypatch: pytest.MonkeyPatch) -> AccessLines:
     """Collects the access lines written while the test runs."""
     lines = AccessLines()
+    ACCESS_LOG.flush()  # what an earlier test left pending goes to its own stream
     monkeypatch.setattr(ACCESS_LOG, "stream", lines)
+    monkeypatch.setattr(ACCESS_LOG, "buffered", False)  # each line at once, for the test
     return lines
 
 
