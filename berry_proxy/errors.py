@@ -304,10 +304,26 @@ class upstream_errors:  # used like a function: ``with upstream_errors(...)``
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None or isinstance(exc, UpstreamFailure) or not _is_transport_error(exc):
+        if exc is None or isinstance(exc, UpstreamFailure):
             return
-        _forget_frames(exc)
-        raise _transport_failure(exc, self.phase) from None
+        failure = transport_failure(exc, self.phase)
+        if failure is not None:
+            raise failure from None
+
+
+def transport_failure(exc: BaseException, phase: str) -> UpstreamFailure | None:
+    """What ``upstream_errors`` raises for ``exc``: the provider failure a transport
+    exception means (``exc`` then forgets its traceback), or None for any other exception.
+
+    For a loop that reads a stream, where a ``with upstream_errors(...)`` block around
+    every read would cost a context-manager object and two calls per read.
+    """
+    if not _is_transport_error(exc):
+        return None
+    _forget_frames(exc)
+    failure = map_upstream_exception(exc, phase)
+    assert failure is not None  # noqa: S101  # _is_transport_error said so
+    return failure
 
 
 def _forget_frames(exc: BaseException) -> None:
@@ -322,12 +338,6 @@ def _forget_frames(exc: BaseException) -> None:
 
 def _is_transport_error(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
-
-
-def _transport_failure(exc: BaseException, phase: str) -> UpstreamFailure:
-    failure = map_upstream_exception(exc, phase)
-    assert failure is not None  # noqa: S101  # _is_transport_error said so
-    return failure
 
 
 def error_for_failures(

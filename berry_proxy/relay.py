@@ -36,7 +36,7 @@ from .client_connection import drop_connection
 from .context import RequestContext
 from .deadline import Phase, Watchdog
 from .drain import Drain, draining_error
-from .errors import FailureKind, UpstreamFailure, upstream_errors
+from .errors import FailureKind, UpstreamFailure, transport_failure, upstream_errors
 from .exchange import Attempt, Exchange
 from .log import get_logger
 from .openai_request import Endpoint
@@ -57,6 +57,7 @@ MAX_HELD_BYTES = 64 * 1024
 # When the drain runs out, a client has this long to take its stream's error event.
 DRAIN_WRITE_SECONDS = 1.0
 _COMMITTING = frozenset({EventKind.CONTENT, EventKind.USAGE, EventKind.DONE})
+_CLIENT, _UPSTREAM, _DONE = Phase.CLIENT, Phase.UPSTREAM, StreamEnd.DONE
 _TIMEOUT_MESSAGES = {
     Phase.FIRST_BYTE: "upstream sent nothing within the first-byte timeout",
     Phase.UPSTREAM: "upstream went idle for longer than the idle timeout",
@@ -333,15 +334,19 @@ class StreamRelay:
             await self._break(UpstreamFailure(FailureKind.PROTOCOL, f"upstream sent {exc}"))
             return
         self.held = []
+        # Per event, every name below is a local: a module global or an enum member
+        # (EnumType's __getattr__ hook makes each member lookup a slow path) costs more.
+        client, reading, done = _CLIENT, _UPSTREAM, _DONE
+        read_chunk, write = upstream.read_chunk, response.write
         while True:
             out, end = forwardable(ctx, pending, add_usage)
             if out:
                 if redact:
                     out = redact(out)
-                watchdog.phase = Phase.CLIENT
+                watchdog.phase = client
                 try:
                     if end is None:
-                        await response.write(out)
+                        await write(out)
                     else:
                         # The last bytes: one write with the end-of-body marker.
                         await response.write_eof(out)
@@ -349,19 +354,23 @@ class StreamRelay:
                     self._client_gone()
                     return
                 watchdog.progress()
-            if end is StreamEnd.DONE:
-                self.end = end
-                return
-            if end is StreamEnd.BROKEN:
-                # The upstream's own error event went out: it is the one error event.
+            if end is not None:
+                if end is done:
+                    self.end = end
+                    return
+                # BROKEN: the upstream's own error event went out: it is the one error event.
                 self.end = end
                 self._failed(UpstreamFailure(FailureKind.SERVER, "upstream reported an error"))
                 return
-            watchdog.phase = Phase.UPSTREAM
+            watchdog.phase = reading
             try:
-                with upstream_errors("stream"):
-                    chunk = await upstream.read_chunk()
-            except UpstreamFailure as failure:
+                chunk = await read_chunk()
+            except Exception as exc:  # as ``upstream_errors("stream")``, without its cost
+                failure = (
+                    exc if isinstance(exc, UpstreamFailure) else transport_failure(exc, "stream")
+                )
+                if failure is None:
+                    raise
                 await self._break(failure.detach())
                 return
             if not chunk:

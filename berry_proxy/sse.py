@@ -143,6 +143,17 @@ class EventSplitter:
 
     def feed_block(self, chunk: bytes) -> bytes:
         """Push ``chunk`` and take every complete event as one block."""
+        if (
+            self._position >= len(self._buffer)
+            and chunk.endswith(b"\n\n")
+            and not self._carriage_returns
+            and b"\r" not in chunk
+        ):
+            # The usual chunk of a model's stream: whole events, nothing pending before
+            # it. It is the block as it is, and nothing is left pending (so nothing can be
+            # too large: ``take_block`` would say the same, at a dozen more steps).
+            self._buffer, self._position, self._searched = b"", 0, 0
+            return chunk
         self.push(chunk)
         return self.take_block()
 
