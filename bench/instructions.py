@@ -142,8 +142,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="200,600",
         help="the two request counts whose difference is measured (default 200,600)",
     )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(s.key for s in SCENARIOS),
+        help="comma-separated subset of the scenarios (default: all)",
+    )
+    parser.add_argument(
+        "--no-bare",
+        action="store_true",
+        help="count only the gateway (and --baseline): for A/B runs, where the bare "
+        "proxy's count is already known",
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and outputs")
     args = parser.parse_args(argv)
+    keys = {s.key: s for s in SCENARIOS}
+    chosen = [k.strip() for k in args.scenarios.split(",") if k.strip()]
+    if not chosen or any(k not in keys for k in chosen):
+        parser.error(f"--scenarios: choose from {', '.join(keys)}")
+    args.chosen = [keys[k] for k in chosen]
     low, _, high = args.requests.partition(",")
     if not (low.isdigit() and high.isdigit() and 0 < int(low) < int(high)):
         parser.error("--requests: two counts, the first smaller, e.g. 200,600")
@@ -156,7 +172,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    servers = [Server("bare", "/v1/models", "/stream"), Server("gateway", "/v1/health", "")]
+    servers = [Server("gateway", "/v1/health", "")]
+    if not args.no_bare:
+        servers.insert(0, Server("bare", "/v1/models", "/stream"))
     if args.baseline is not None:
         servers.append(Server("baseline", "/v1/health", "", args.baseline))
     try:
@@ -167,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sup = Supervisor(tmp)
             try:
                 upstream = start_nginx(sup, nginx).base_url
-                for scenario in SCENARIOS:
+                for scenario in args.chosen:
                     report(scenario, servers, upstream, sup, args.counts)
             finally:
                 sup.stop_all()
@@ -188,9 +206,9 @@ def report(
     counted = {s.name: per_request(sup, s, upstream, scenario, counts) for s in servers}
     line = ", ".join(f"{name} {value / 1000:.0f}k" for name, value in counted.items())
     print(f"{scenario.title}: instructions per request: {line}", flush=True)
-    bare = counted["bare"]
+    bare = counted.get("bare")
     for name in ("gateway", "baseline"):
-        if name in counted:
+        if name in counted and bare is not None:
             print(f"  {name} ÷ bare: {counted[name] / bare:.3f}{TIMES}", flush=True)
     if "baseline" in counted:
         print(f"  gateway ÷ baseline: {counted['gateway'] / counted['baseline']:.3f}{TIMES}")

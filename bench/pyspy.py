@@ -9,9 +9,9 @@ a coroutine's frames are on the stack only while it runs, and what runs from a C
 callback of uvloop (a protocol's ``data_received``) has no caller above it. The collapsed
 stacks are kept with `--out`, for a flame graph (`flamegraph.pl`, speedscope).
 
-    .venv/bin/python bench/profile.py                      # stream, 16 connections, 10 s
-    .venv/bin/python bench/profile.py --scenario nonstream-c1 --seconds 20
-    .venv/bin/python bench/profile.py --out /tmp/stacks.txt
+    .venv/bin/python bench/pyspy.py                      # stream, 16 connections, 10 s
+    .venv/bin/python bench/pyspy.py --scenario nonstream-c1 --seconds 20
+    .venv/bin/python bench/pyspy.py --out /tmp/stacks.txt
 
 py-spy (`pip install py-spy`) must be able to read the gateway's memory: run as root, or
 with ptrace allowed. Sampling costs the gateway some speed, not its proportions.
