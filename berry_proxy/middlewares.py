@@ -4,7 +4,7 @@ All three run in one middleware (``gateway_middleware``), each concern in its ow
 - the request context gives every request its id and timing, and the access log line is
   written when it ends (also when the client left early);
 - CORS (``cors``): a preflight is answered here, before auth; every other answer gets the
-  policy's headers (a streamed one through ``response_headers.served_by``);
+  policy's headers (a streamed one through ``response_headers.own_headers``);
 - ``shape_error`` turns every exception into the SPEC's JSON error envelope, including
   aiohttp's own 404/405/413, and hides tracebacks behind a logged 500;
 - ``authorize`` enforces the ``Access`` level the matched handler declares (every route
@@ -35,7 +35,7 @@ from .errors import (
 )
 from .log import ACCESS_LOG, get_logger
 from .metrics import Metrics
-from .response_headers import SERVER
+from .response_headers import own_headers
 
 if TYPE_CHECKING:
     from .runtime import Gateway, Runtime
@@ -87,15 +87,9 @@ def gateway_middleware(gateway: Gateway) -> Middleware:
                 drop = isinstance(exc, GatewayError) and exc.drop_connection
             ctx.status = response.status
             if not response.prepared:
-                # Every response carries its request id. A handler that prepares (streams) a
-                # response itself sets these before doing so (response_headers.served_by).
-                headers = response.headers
-                headers["X-Request-ID"] = ctx.request_id
-                headers["Server"] = SERVER
-                if ctx.cors is not None:
-                    headers.update(ctx.cors)
-                if ctx.rate_limit_headers is not None:
-                    headers.update(ctx.rate_limit_headers)
+                # Every response carries its request id and the rest. A handler that
+                # prepares (streams) a response itself sends them (relay.py).
+                response.headers.update(own_headers(ctx))
                 if drop:
                     await send_and_drop(request, response)
             return response

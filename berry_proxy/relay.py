@@ -41,7 +41,7 @@ from .exchange import Attempt, Exchange
 from .log import get_logger
 from .openai_request import Endpoint
 from .outcomes import Outcomes
-from .response_headers import STREAM_HEADERS, served_by
+from .response_headers import STREAM_HEADERS, own_headers, served_by
 from .sse import EventKind, EventSplitter, EventTooLarge, classify, error_event
 from .stream_filter import StreamEnd, forwardable
 from .unary import MAX_ERROR_BODY_BYTES
@@ -302,10 +302,9 @@ class StreamRelay:
             Phase.CLIENT,
         )
         # All headers at once: this response is prepared here, so the middleware cannot
-        # add X-Request-ID to it later (served_by includes it).
-        response = self.response = web.StreamResponse(
-            status=200, headers={**STREAM_HEADERS, **served_by(ctx, backend, self.clock())}
-        )
+        # add X-Request-ID and the rest to it later.
+        headers = {**STREAM_HEADERS, **own_headers(ctx), **served_by(ctx, backend, self.clock())}
+        response = self.response = web.StreamResponse(status=200, headers=headers)
         if self.request.version < HttpVersion11:
             # No chunked encoding before HTTP/1.1: only the closed connection can tell the
             # client where the stream ends (aiohttp would keep an HTTP/1.0 keep-alive

@@ -20,27 +20,31 @@ STREAM_HEADERS = {
 }
 
 
-def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, str]:
-    """The headers of an answer from ``backend``, committed at ``now`` (monotonic).
-
-    Fixes the request's overhead and time to first byte as of the commit. Includes
-    ``X-Request-ID``, ``Server``, the CORS and the ``x-ratelimit-*`` headers: a response
-    prepared by its handler is past the middleware's chance to add them.
-    """
-    ctx.provider = backend.provider.id
-    ctx.backend_model = backend.config.model
-    overhead = ctx.commit(now)
-    ctx.time_to_first_byte = now - ctx.started
-    headers = {
-        "X-Request-ID": ctx.request_id,
-        "Server": SERVER,
-        "X-Berry-Provider": backend.provider.id,
-        "X-Berry-Backend-Model": backend.config.model,
-        "X-Berry-Attempts": str(ctx.attempts),
-        "X-Berry-Overhead-Ms": f"{overhead * 1000:.3f}",
-    }
+def own_headers(ctx: RequestContext) -> dict[str, str]:
+    """The headers every answer carries: ``X-Request-ID``, ``Server``, the CORS and the
+    ``x-ratelimit-*`` headers. The middleware adds them to each response it sees before
+    it is prepared; a handler that prepares (streams) its response sends them itself."""
+    headers = {"X-Request-ID": ctx.request_id, "Server": SERVER}
     if ctx.cors is not None:
         headers.update(ctx.cors)
     if ctx.rate_limit_headers is not None:
         headers.update(ctx.rate_limit_headers)
     return headers
+
+
+def served_by(ctx: RequestContext, backend: Backend, now: float) -> dict[str, str]:
+    """The headers of an answer from ``backend``, committed at ``now`` (monotonic): who
+    served it, after how many attempts, and the gateway's own share of the wait.
+
+    Fixes the request's overhead and time to first byte as of the commit.
+    """
+    ctx.provider = backend.provider.id
+    ctx.backend_model = backend.config.model
+    overhead = ctx.commit(now)
+    ctx.time_to_first_byte = now - ctx.started
+    return {
+        "X-Berry-Provider": backend.provider.id,
+        "X-Berry-Backend-Model": backend.config.model,
+        "X-Berry-Attempts": str(ctx.attempts),
+        "X-Berry-Overhead-Ms": f"{overhead * 1000:.3f}",
+    }
