@@ -49,6 +49,9 @@ def chat_chunk(delta: dict[str, object], finish: str | None) -> dict[str, object
         "model": "bench-slow",
         "system_fingerprint": "fp_bench0001",
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        # As OpenAI writes every chunk of a stream whose request asked for usage (the
+        # gateway always asks); the last chunk carries the usage itself.
+        "usage": None,
     }
 
 
@@ -63,7 +66,7 @@ def ending(events: int) -> bytes:
     """Finish, usage and [DONE] events, then the chunked body's end."""
     usage = {"prompt_tokens": 9, "completion_tokens": events, "total_tokens": 9 + events}
     finish = event(chat_chunk({}, "stop"))
-    usage_event = event(chat_chunk({}, None) | {"choices": [], "usage": usage})
+    usage_event = event(chat_chunk({}, None) | {"choices": [], "usage": usage})  # replaces null
     return finish + usage_event + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
