@@ -6,6 +6,7 @@ log line is written from it when the request ends. It never holds a token or pro
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Request ids must be unique, not secret (a client may send any id it likes): 96 bits of
 # a PRNG seeded from the OS, rather than a getrandom() system call per request.
 _ID_BITS = random.Random()  # noqa: S311  # ids, not secrets (see above)
+os.register_at_fork(after_in_child=_ID_BITS.seed)  # a forked child draws its own ids
 
 
 def request_id_from(header: str | None) -> str:

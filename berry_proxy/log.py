@@ -120,13 +120,16 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_loop = None
         if not self._pending:
             return
-        lines, count = b"".join(self._pending), len(self._pending)
-        self._pending.clear()
+        # Swapped, not cleared after the join: another thread's log line may flush too.
+        pending, self._pending = self._pending, []
         self._pending_bytes = 0
-        if self.stream is not None:
-            self._write(self.stream, lines, count)
+        if self.stream is None:
+            self.dropped += len(pending)  # nowhere to write them (reconfigured away)
+            return
+        self._write(self.stream, b"".join(pending), len(pending))
 
     def _write(self, stream: BinaryIO, data: bytes, lines: int) -> None:
         try:
