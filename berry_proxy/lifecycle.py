@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Coroutine
 from typing import Any
@@ -32,6 +33,10 @@ from .server import GatewayRunner
 
 log = get_logger("berry_proxy")
 
+# Connections the kernel may queue before the gateway accepts them (aiohttp's default is
+# 128): a burst of a thousand clients at once (a fleet restarting) must not have its SYNs
+# dropped and retried seconds later. The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 # How often the drain looks whether the requests in flight have all finished.
 DRAIN_POLL_SECONDS = 0.05
 # After the drain ran out: how long ended requests have to write their last bytes (a
@@ -71,12 +76,17 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         await self.runner.setup()
         try:
-            site = web.TCPSite(self.runner, host, port)
+            site = web.TCPSite(self.runner, host, port, backlog=LISTEN_BACKLOG)
             try:
                 await site.start()
             except OSError as exc:
                 raise ListenError(exc.strerror or str(exc)) from exc
             log.info("listening", host=host, port=port)
+            # Everything built so far (modules, config, runtime) lives as long as the
+            # process: out of the collector's sight, a full collection walks only what
+            # requests create, so its pauses do not grow with the gateway's size.
+            gc.collect()
+            gc.freeze()
             for signum in STOP_SIGNALS:
                 loop.add_signal_handler(signum, self._on_stop_signal)
             loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
