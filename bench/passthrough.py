@@ -101,6 +101,7 @@ def main() -> None:
         loop=new_loop(args.loop),
         access_log=None,
         handler_cancellation=True,
+        backlog=4096,  # as the gateway's listener (berry_proxy/lifecycle.py)
         print=None,
     )
 

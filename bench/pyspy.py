@@ -120,7 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             stderr=subprocess.PIPE,
         )
         result = run_wrk(wrk, url, scenario.connections, args.seconds, scenario.stream)
-        _, err = record.communicate(timeout=args.seconds + 30)
+        try:
+            _, err = record.communicate(timeout=args.seconds + 30)
+        except subprocess.TimeoutExpired as exc:
+            record.kill()
+            record.wait()
+            raise BenchError("py-spy did not finish") from exc
         if record.returncode != 0:
             raise BenchError(f"py-spy failed: {err.decode(errors='replace')}")
         print(f"{scenario.title}: {result.requests} requests in {result.seconds:.1f} s\n")

@@ -799,14 +799,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="also run the gateway of another checkout (e.g. `git worktree add /tmp/b "
         "COMMIT`), round-robin with this one, and print gateway ÷ baseline",
     )
-    only = parser.add_mutually_exclusive_group()
-    only.add_argument(
+    parser.add_argument(
         "--no-failover", action="store_true", help="skip the failover scenario (bench/failover.py)"
     )
-    only.add_argument("--failover-only", action="store_true", help="run only the failover scenario")
-    only.add_argument(
+    parser.add_argument(
         "--no-streams", action="store_true", help="skip the stream scenarios (bench/streams.py)"
     )
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--failover-only", action="store_true", help="run only the failover scenario")
     only.add_argument("--streams-only", action="store_true", help="run only the stream scenarios")
     parser.add_argument(
         "--open-streams",
@@ -814,6 +814,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         help="comma-separated stream counts of the open-streams scenario (e.g. 1000,5000)",
     )
     args = parser.parse_args(argv)
+    if (args.failover_only and args.no_failover) or (args.streams_only and args.no_streams):
+        parser.error("--X-only and --no-X contradict each other")
     counts = [c.strip() for c in args.open_streams.split(",") if c.strip()]
     if not counts or not all(c.isdigit() and int(c) > 0 for c in counts):
         parser.error("--open-streams: positive counts, e.g. 1000,5000")

@@ -13,7 +13,7 @@ limit, SmartAI, metrics, the JSON access log), each server measured in turn.
    at p50 and p99, through each server: the difference is the time an event spends in
    the gateway beyond what any aiohttp proxy takes. Goal: gateway ÷ bare CPU at most 1.25 times.
 2. **Open streams**: 1000 streams (``--open-streams 1000,5000`` adds a 5000 run) opened at
-   once, 50 events 20 ms apart each. Errors (goal 0), time to the first event at p50
+   once, 50 events 20 ms apart each. Errors (goal 0), time to the first content event at p50
    (goal: within 1.5 times the bare proxy's), and the server's RSS: idle before (goal
    ≤ 60 MB), at the peak (goal ≤ 120 MB at 1000 streams), 3 s after the streams closed,
    and the memory each open stream holds.
@@ -165,6 +165,10 @@ def start_servers(sup: Supervisor) -> list[Server]:
     gw_port = free_port()
     config = sup.tmp / "berry-streams.yaml"
     document = gateway_document(gw_port, {m: base + p for m, p in MODELS.items()})
+    for provider in document["providers"].values():
+        # 5000 open streams on one provider: above its default slot limit (4096), which
+        # would make the gateway refuse the rest, as configured, not measure them.
+        provider["max_connections"] = 10_000
     config.write_text(json.dumps(document, indent=2) + "\n")
     gateway = sup.start("streams-gateway", [gateway_executable(), "serve", "--config", str(config)])
     gw_base = f"http://127.0.0.1:{gw_port}"
@@ -191,7 +195,8 @@ def run_load(
     ``on_open`` is called when a burst reports all its streams open (``OPEN`` on stderr).
     """
     cmd = [sys.executable, str(STREAM_LOAD), "--url", server.urls[model], "--token", TOKEN]
-    cmd += ["--model", model, *args]
+    events = REALISTIC_EVENTS if model == "bench-realistic" else OPEN_EVENTS
+    cmd += ["--model", model, "--events", str(events), *args]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
     )
@@ -363,7 +368,10 @@ def print_realistic(rows: Sequence[StreamRow], settings: Settings) -> None:
 def print_open(rows: Sequence[OpenRow], rss_at_start: dict[str, float]) -> None:
     for count in sorted({r.count for r in rows}):
         group = [r for r in rows if r.count == count]
-        print(f"\nopen streams: {count} at once, {OPEN_EVENTS} events {OPEN_GAP_MS} ms apart")
+        after = "" if count == min(r.count for r in rows) else " (RSS idle: after the run before)"
+        print(
+            f"\nopen streams: {count} at once, {OPEN_EVENTS} events {OPEN_GAP_MS} ms apart{after}"
+        )
         print(
             f"  {'target':<10}{'streams':>8}{'errors':>8}{'ttfb p50':>10}{'ttfb p99':>10}"
             f"{'seconds':>9}{'RSS idle':>10}{'RSS peak':>10}{'RSS after':>11}"
@@ -389,11 +397,15 @@ def print_open(rows: Sequence[OpenRow], rss_at_start: dict[str, float]) -> None:
                 f"ttfb p50 {fmt(ttfb)}{TIMES} ≤ {TTFB_GOAL}{TIMES}",
                 ttfb is not None and ttfb <= TTFB_GOAL,
             ),
-            (
-                f"RSS idle {gateway.rss_idle_mb:.0f} MB ≤ {IDLE_RSS_GOAL_MB:.0f}",
-                gateway.rss_idle_mb <= IDLE_RSS_GOAL_MB,
-            ),
         ]
+        if count == min(r.count for r in rows):
+            # Later runs start where the previous one left the process, not idle.
+            checks.append(
+                (
+                    f"RSS idle {gateway.rss_idle_mb:.0f} MB ≤ {IDLE_RSS_GOAL_MB:.0f}",
+                    gateway.rss_idle_mb <= IDLE_RSS_GOAL_MB,
+                )
+            )
         if count <= 1000:
             checks.append(
                 (
