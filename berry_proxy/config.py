@@ -319,6 +319,12 @@ def parse_file(path: Path) -> Any:
         return yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError([f"{path}: syntax error: {syntax_error_text(exc)}"]) from None
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # PyYAML building a value it parsed: a date such as 2024-13-45, nesting too deep.
+        # The message may quote the value (a secret, perhaps): only its kind is told.
+        raise ConfigError(
+            [f"{path}: a value cannot be read ({type(exc).__name__}; e.g. an invalid date)"]
+        ) from None
 
 
 def syntax_error_text(exc: yaml.YAMLError | tomllib.TOMLDecodeError) -> str:

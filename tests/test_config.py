@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from berry_proxy.cli import main
 from berry_proxy.config import (
     STRATEGIES,
     Config,
@@ -1331,6 +1332,25 @@ def test_syntax_errors_are_config_errors(tmp_path: Path, name: str, text: str) -
         load_config(path, env={})
     (error,) = excinfo.value.errors
     assert error.startswith(f"{path}: syntax error: ")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "server:\n  port: 8080\nwhen: 2024-13-45\n",  # a date PyYAML cannot build
+        "x: " + "[" * 5000 + "]" * 5000 + "\n",  # nesting deeper than Python recurses
+    ],
+)
+def test_a_value_yaml_cannot_build_is_a_config_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    path = write(tmp_path, "berry.yaml", text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    (error,) = excinfo.value.errors
+    assert error.startswith(f"{path}: a value cannot be read (")
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
