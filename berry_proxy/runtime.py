@@ -72,6 +72,9 @@ class ReloadResult:
 
     ok: bool
     generation: int
+    # Why a reload failed: "invalid" (the file), "stopping" (the drain began), "internal"
+    # (a bug of ours while building the new config).
+    failure: str | None = None
     changes: dict[str, Any] = field(default_factory=dict)
     restart_required: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
@@ -274,10 +277,14 @@ class Gateway:
                 error_count=len(errors),
                 errors=errors,
             )
-            return ReloadResult(ok=False, generation=current.generation, errors=errors)
+            return ReloadResult(
+                ok=False, generation=current.generation, failure="invalid", errors=errors
+            )
         if self.drain.draining:  # the stop signal came while the file was read
             errors = ["the gateway is shutting down: the reload was not applied"]
-            return ReloadResult(ok=False, generation=current.generation, errors=errors)
+            return ReloadResult(
+                ok=False, generation=current.generation, failure="stopping", errors=errors
+            )
         found = changes(current.config, config)
         later = restart_required(current.config, config)
         try:
@@ -286,7 +293,9 @@ class Gateway:
             log.exception("config_reload_error", generation=current.generation)
             metrics.config_reloaded(ok=False)
             errors = ["the new config could not be applied; see the gateway's log"]
-            return ReloadResult(ok=False, generation=current.generation, errors=errors)
+            return ReloadResult(
+                ok=False, generation=current.generation, failure="internal", errors=errors
+            )
         self._install(runtime)
         metrics.config_reloaded(ok=True)
         for key, why in config.ignored:

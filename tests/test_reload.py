@@ -393,3 +393,28 @@ async def test_a_reload_that_finishes_after_the_drain_began_is_not_applied(
     assert not result.ok
     assert "shutting down" in result.errors[0]
     assert gateway.runtime.generation == 1
+
+
+async def test_a_valid_file_that_cannot_be_applied_answers_500_and_keeps_the_old_config(
+    start_reloadable: Reloadable,
+    config_file: Path,
+    upstream: FakeUpstream,
+    upstream2: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug while building the new runtime is the gateway's fault, not the file's: 500
+    ``reload_failed``, not 400 ``invalid_config``."""
+    raw = gateway_config(upstream, upstream2)
+    server = await start_reloadable(raw)
+    before = gateway_of(server).runtime
+
+    def broken_build(*_args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(gateway_of(server), "_build", broken_build)
+    status, body = await reload(server)
+    assert status == 500
+    assert body["error"]["code"] == "reload_failed"
+    assert body["error"]["details"]["config_generation"] == before.generation
+    assert gateway_of(server).runtime is before
+    assert (await chat(server))[0] == 200
