@@ -154,6 +154,7 @@ class Proxy:
             if drain.expired:
                 # The drain ran out (perhaps while this request waited for a connection
                 # slot): no new attempt, whatever is left of the budget.
+                ctx.abort_reason = "draining"  # as an attempt the drain ended says
                 raise draining_error()
             backend_model = backend.config.model
             upstream_request = bodies.get(backend_model)
